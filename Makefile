@@ -1,0 +1,29 @@
+# The two quick-start commands (README): `make serve` and `make test`.
+# Both create the virtual environment on first use. torch==2.13.0 is pinned because that CPU
+# wheel is what CI machines install offline; a GPU cluster installs its CUDA build instead.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CHECKPOINT ?= checkpoints/tiny-mixtral
+PRESET ?= tiny-mixtral
+
+$(BIN)/mixserve: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: install serve test demo-checkpoint
+install: $(BIN)/mixserve
+
+$(CHECKPOINT)/config.json: | $(BIN)/mixserve
+	$(BIN)/mixserve init-checkpoint $(CHECKPOINT) --preset $(PRESET)
+
+demo-checkpoint: $(CHECKPOINT)/config.json
+
+serve: $(BIN)/mixserve $(CHECKPOINT)/config.json
+	$(BIN)/mixserve generate $(CHECKPOINT) --prompt "The mixture of experts" --max-tokens 48 --stream
+
+test: $(BIN)/mixserve
+	$(BIN)/python -m pytest -q tests

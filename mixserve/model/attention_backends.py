@@ -1,0 +1,95 @@
+"""Attention over the rolling cache, behind one small interface.
+
+A backend receives one layer's projected, rotated q, k, v for the whole step and the step
+metadata, writes the new keys and values into the cache and returns the attention output.
+PyTorch SDPA is the default and runs everywhere; flash-attn is the GPU extra.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from mixserve.model.cache import RollingKVCache, StepMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def __call__(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [T, H, Dh]
+        k: torch.Tensor,  # [T, KV, Dh]
+        v: torch.Tensor,  # [T, KV, Dh]
+        meta: StepMetadata,
+        cache: RollingKVCache,
+    ) -> torch.Tensor:  # [T, H, Dh]
+        ...
+
+
+class SdpaBackend:
+    """torch.nn.functional.scaled_dot_product_attention, with GQA done by grouping queries.
+
+    Why grouping instead of repeating K/V: the G = H / KV query heads that share a KV head
+    are folded into the query-length axis ([KV, G*C, Dh] against [KV, L, Dh]), so the cache
+    is read once and never copied G times.
+    """
+
+    name = "sdpa"
+
+    def __call__(self, layer, q, k, v, meta, cache):
+        out = torch.empty_like(q)
+        n_dec = meta.n_decode
+        if n_dec:
+            out[:n_dec] = self._decode(layer, q[:n_dec], k[:n_dec], v[:n_dec], meta, cache)
+        for p in meta.prefills:
+            rows = slice(p.token_offset, p.token_offset + p.length)
+            out[rows] = self._prefill(layer, q[rows], k[rows], v[rows], p, cache)
+        return out
+
+    @staticmethod
+    def _decode(layer, q, k, v, meta, cache):
+        # Bd = decoding sequences, L = live cache length, G = query heads per KV head
+        k_pool, v_pool = cache.k[layer], cache.v[layer]  # [S, KV, W, Dh]
+        k_pool[meta.decode_slots, :, meta.decode_write_index] = k
+        v_pool[meta.decode_slots, :, meta.decode_write_index] = v
+        length = meta.decode_kv_len
+        keys = k_pool[:, :, :length].index_select(0, meta.decode_slots)  # [Bd, KV, L, Dh]
+        values = v_pool[:, :, :length].index_select(0, meta.decode_slots)
+        bd, h, dh = q.shape
+        kv = keys.shape[1]
+        grouped = q.view(bd, kv, h // kv, dh)  # [Bd, KV, G, Dh]
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask)
+        return out.reshape(bd, h, dh)
+
+    @staticmethod
+    def _prefill(layer, q, k, v, p, cache):
+        # C = chunk tokens, Lc = cached entries, G = query heads per KV head
+        k_slot, v_slot = cache.k[layer, p.slot], cache.v[layer, p.slot]  # [KV, W, Dh]
+        keys = torch.cat([k_slot[:, : p.cached_len], k.transpose(0, 1)], dim=1)  # [KV, Lc+C, Dh]
+        values = torch.cat([v_slot[:, : p.cached_len], v.transpose(0, 1)], dim=1)
+        c, h, dh = q.shape
+        kv = keys.shape[0]
+        g = h // kv
+        grouped = q.transpose(0, 1).reshape(kv, g * c, dh)  # [KV, G*C, Dh], head = kv*G + g
+        mask = p.mask.repeat(g, 1)  # [G*C, Lc+C]
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)  # [KV, G*C, Dh]
+        # Write after attending: the chunk's own writes may overwrite entries its first queries need.
+        k_slot.index_copy_(1, p.write_index, k.transpose(0, 1))
+        v_slot.index_copy_(1, p.write_index, v.transpose(0, 1))
+        return out.view(h, c, dh).transpose(0, 1)
+
+
+def make_backend(name: str) -> AttentionBackend:
+    """Picks the attention backend at start-up: 'sdpa', 'flash' (GPU extra) or 'auto'."""
+    if name in ("sdpa", "auto"):
+        # 'auto' stays on SDPA until the flash-attn path has been checked on a GPU.
+        return SdpaBackend()
+    if name == "flash":
+        raise NotImplementedError(
+            "the flash-attn backend is not available yet; use attention_backend='sdpa'"
+        )
+    raise ValueError(f"unknown attention backend {name!r}; choose 'sdpa' or 'auto'")

@@ -1,0 +1,149 @@
+"""Rolling-buffer KV cache pool and the per-step metadata every layer shares.
+
+Each sequence owns one *slot* of a pool fixed at start-up. A slot holds W positions per
+layer, where W is the sliding window (or the context limit for full-attention models), and
+position p lives at cache index p mod W, overwriting what was there: memory per sequence is
+flat however long it runs.
+
+Worked example (W = 3). Two sequences in one step:
+  seq A, slot 0: decoding position 7 (8 tokens seen).   cache index 7 % 3 = 1
+  seq B, slot 1: prefill chunk of positions 3, 4, 5 after 3 cached tokens (0, 1, 2).
+
+  tokens     = [a7, b3, b4, b5]            (decodes first, then prefill chunks)
+  positions  = [7, 3, 4, 5]
+  decode:  slots [0], cache_index [1], kv_len 3, mask [[T, T, T]]  (all 3 slots live after wrap)
+           A writes its key at index 1 (overwriting position 4), then attends to positions 5, 6, 7.
+  prefill: slot 1, cached_len 3, cached positions by index [0, 1, 2]
+           query 3 may see keys 1, 2 (cache) and 3 (itself); 0 is outside the window (3 - 3 = 0).
+           mask (rows = queries 3, 4, 5; cols = cache 0, 1, 2 | chunk 3, 4, 5):
+             3: F T T | T F F
+             4: F F T | T T F
+             5: F F F | T T T
+           after attention the chunk's keys go to indices [0, 1, 2], replacing positions 0, 1, 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixserve.model.args import ModelArgs
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's share of a step: `length` new tokens starting at absolute position `start`."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass
+class PrefillMeta:
+    """Derived tensors for one prefill chunk (attends to its cache, then writes itself)."""
+
+    slot: int
+    token_offset: int  # where the chunk's tokens start in the flattened step
+    length: int  # C
+    cached_len: int  # Lc = min(start, W) cache entries to attend to
+    write_index: torch.Tensor  # [C] long: cache index of each chunk position
+    mask: torch.Tensor  # [C, Lc + C] bool: True = may attend
+
+
+@dataclass
+class StepMetadata:
+    """Everything attention needs for one step, computed once and reused by every layer."""
+
+    positions: torch.Tensor  # [T] long: absolute position of every token in the step
+    n_decode: int  # the first n_decode tokens are single-token decodes, one per sequence
+    decode_slots: torch.Tensor  # [Bd] long
+    decode_write_index: torch.Tensor  # [Bd] long: position % W
+    decode_kv_len: int  # L: cache entries worth reading (the longest live prefix of any slot)
+    decode_mask: torch.Tensor  # [Bd, 1, 1, L] bool
+    prefills: list[PrefillMeta]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def build_step_metadata(chunks: list[SequenceChunk], window: int, device: torch.device | str = "cpu") -> StepMetadata:
+    """Derives the step's tensors. Single-token chunks must come first: they take the batched
+    decode path (a one-token prefill is the same computation as a decode)."""
+    n_decode = 0
+    while n_decode < len(chunks) and chunks[n_decode].length == 1:
+        n_decode += 1
+    decodes, prefills = chunks[:n_decode], chunks[n_decode:]
+
+    positions: list[int] = [c.start for c in decodes]
+    for c in prefills:
+        positions.extend(range(c.start, c.start + c.length))
+    positions_t = torch.tensor(positions, dtype=torch.long)
+
+    # Decode: write first (the overwritten position p - W is outside the window), then read.
+    live = [min(c.start + 1, window) for c in decodes]
+    kv_len = max(live, default=0)
+    decode_mask = torch.arange(kv_len)[None, :] < torch.tensor(live, dtype=torch.long)[:, None]
+
+    prefill_meta: list[PrefillMeta] = []
+    offset = n_decode
+    for c in prefills:
+        prefill_meta.append(_prefill_meta(c, offset, window))
+        offset += c.length
+
+    return StepMetadata(
+        positions=positions_t.to(device),
+        n_decode=n_decode,
+        decode_slots=torch.tensor([c.slot for c in decodes], dtype=torch.long, device=device),
+        decode_write_index=torch.tensor([c.start % window for c in decodes], dtype=torch.long, device=device),
+        decode_kv_len=kv_len,
+        decode_mask=decode_mask[:, None, None, :].to(device),
+        prefills=prefill_meta,
+    )
+
+
+def _prefill_meta(c: SequenceChunk, token_offset: int, window: int) -> PrefillMeta:
+    if c.length > window:
+        raise ValueError(f"a prefill chunk holds at most W={window} tokens, got {c.length}")
+    cached_len = min(c.start, window)
+    # Position held by each cache index: the latest p < start with p % W == index.
+    index = torch.arange(cached_len)
+    cached_pos = c.start - 1 - torch.remainder(c.start - 1 - index, window)
+    query_pos = torch.arange(c.start, c.start + c.length)
+    sees_cache = cached_pos[None, :] > query_pos[:, None] - window  # [C, Lc]
+    chunk_pos = query_pos
+    sees_chunk = (chunk_pos[None, :] <= query_pos[:, None]) & (chunk_pos[None, :] > query_pos[:, None] - window)
+    return PrefillMeta(
+        slot=c.slot,
+        token_offset=token_offset,
+        length=c.length,
+        cached_len=cached_len,
+        write_index=torch.remainder(query_pos, window),
+        mask=torch.cat([sees_cache, sees_chunk], dim=1),
+    )
+
+
+class RollingKVCache:
+    """Fixed pool of per-sequence rolling buffers for every layer.
+
+    Shapes: k, v = [n_layers, n_slots, n_kv_heads, W, head_dim]. Slots are handed out by the
+    scheduler; the cache itself never grows.
+    """
+
+    def __init__(self, args: ModelArgs, n_slots: int, window: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+        shape = (args.n_layers, n_slots, args.n_kv_heads, window, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.window = window
+        self.n_slots = n_slots
+
+    @property
+    def bytes_per_slot(self) -> int:
+        per_tensor = self.k[:, 0].numel() * self.k.element_size()
+        return 2 * per_tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()

@@ -1,0 +1,237 @@
+"""Reading safetensors checkpoints into a `Transformer`, by an explicit name table.
+
+Three layouts are understood, all mapped onto the same fused parameters:
+  * Hugging Face hub layout (what MistralForCausalLM / MixtralForCausalLM checkpoints hold):
+    model.layers.{i}.self_attn.q_proj.weight, ...block_sparse_moe.experts.{e}.w1.weight
+  * transformers >= 5 fused-expert layout: ...mlp.experts.gate_up_proj [E, 2I, D]
+  * Mistral's consolidated layout: layers.{i}.attention.wq.weight, feed_forward.experts.{e}.w1
+    (with wq/wk in the interleaved RoPE convention, permuted here to the half-rotation one)
+
+Every checkpoint tensor has one `TensorTarget` saying which parameter, which slice of it,
+and what shape it must have. Missing, unexpected and mis-shaped tensors are all reported
+together. Pickle formats are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mixserve.errors import CheckpointError
+from mixserve.model.args import ModelArgs
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+HF_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorTarget:
+    param: str  # parameter name inside Transformer
+    index: tuple  # where in that parameter this tensor goes (() = the whole parameter)
+    shape: tuple[int, ...]  # the shape the checkpoint tensor must have
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _rope_interleaved_to_half(n_heads: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Mistral stores q/k rows as (re, im) pairs per frequency; the half layout stores all re
+    then all im per head. Same permutation Hugging Face applies when converting."""
+
+    def permute(w: torch.Tensor) -> torch.Tensor:
+        rows, cols = w.shape
+        return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    return permute
+
+
+def checkpoint_targets(args: ModelArgs, layout: str) -> dict[str, TensorTarget]:
+    """The table from checkpoint names to parameters, for layout 'hf', 'hf-fused' or 'consolidated'."""
+    d, hd, i_dim, e = args.dim, args.head_dim, args.hidden_dim, args.num_experts
+    q_rows, kv_rows = args.n_heads * hd, args.n_kv_heads * hd
+    qkv = {"q": (slice(0, q_rows),), "k": (slice(q_rows, q_rows + kv_rows),), "v": (slice(q_rows + kv_rows, None),)}
+    gate_half, up_half = (slice(0, i_dim),), (slice(i_dim, None),)
+    t: dict[str, TensorTarget] = {}
+    hf = layout in ("hf", "hf-fused")
+    if hf:
+        t["model.embed_tokens.weight"] = TensorTarget("tok_embeddings.weight", (), (args.vocab_size, d))
+        t["model.norm.weight"] = TensorTarget("norm.weight", (), (d,))
+        if not args.tie_word_embeddings:
+            t["lm_head.weight"] = TensorTarget("output.weight", (), (args.vocab_size, d))
+    else:
+        t["tok_embeddings.weight"] = TensorTarget("tok_embeddings.weight", (), (args.vocab_size, d))
+        t["norm.weight"] = TensorTarget("norm.weight", (), (d,))
+        t["output.weight"] = TensorTarget("output.weight", (), (args.vocab_size, d))
+
+    for n in range(args.n_layers):
+        ours = f"layers.{n}"
+        attn, ff = f"{ours}.attention", f"{ours}.feed_forward"
+        if hf:
+            src = f"model.layers.{n}"
+            t[f"{src}.input_layernorm.weight"] = TensorTarget(f"{ours}.attention_norm.weight", (), (d,))
+            t[f"{src}.post_attention_layernorm.weight"] = TensorTarget(f"{ours}.ffn_norm.weight", (), (d,))
+            for name, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+                t[f"{src}.self_attn.{name}_proj.weight"] = TensorTarget(f"{attn}.wqkv.weight", qkv[name], (rows, d))
+            t[f"{src}.self_attn.o_proj.weight"] = TensorTarget(f"{attn}.wo.weight", (), (d, q_rows))
+            if not args.is_moe:
+                t[f"{src}.mlp.gate_proj.weight"] = TensorTarget(f"{ff}.w13.weight", gate_half, (i_dim, d))
+                t[f"{src}.mlp.up_proj.weight"] = TensorTarget(f"{ff}.w13.weight", up_half, (i_dim, d))
+                t[f"{src}.mlp.down_proj.weight"] = TensorTarget(f"{ff}.w2.weight", (), (d, i_dim))
+            elif layout == "hf-fused":
+                t[f"{src}.mlp.gate.weight"] = TensorTarget(f"{ff}.gate.weight", (), (e, d))
+                t[f"{src}.mlp.experts.gate_up_proj"] = TensorTarget(f"{ff}.experts.w13", (), (e, 2 * i_dim, d))
+                t[f"{src}.mlp.experts.down_proj"] = TensorTarget(f"{ff}.experts.w2", (), (e, d, i_dim))
+            else:
+                moe = f"{src}.block_sparse_moe"
+                t[f"{moe}.gate.weight"] = TensorTarget(f"{ff}.gate.weight", (), (e, d))
+                for x in range(e):
+                    _expert_targets(t, f"{moe}.experts.{x}", ff, x, d, i_dim)
+        else:
+            t[f"{ours}.attention_norm.weight"] = TensorTarget(f"{ours}.attention_norm.weight", (), (d,))
+            t[f"{ours}.ffn_norm.weight"] = TensorTarget(f"{ours}.ffn_norm.weight", (), (d,))
+            t[f"{attn}.wq.weight"] = TensorTarget(
+                f"{attn}.wqkv.weight", qkv["q"], (q_rows, d), _rope_interleaved_to_half(args.n_heads, hd)
+            )
+            t[f"{attn}.wk.weight"] = TensorTarget(
+                f"{attn}.wqkv.weight", qkv["k"], (kv_rows, d), _rope_interleaved_to_half(args.n_kv_heads, hd)
+            )
+            t[f"{attn}.wv.weight"] = TensorTarget(f"{attn}.wqkv.weight", qkv["v"], (kv_rows, d))
+            t[f"{attn}.wo.weight"] = TensorTarget(f"{attn}.wo.weight", (), (d, q_rows))
+            if args.is_moe:
+                t[f"{ff}.gate.weight"] = TensorTarget(f"{ff}.gate.weight", (), (e, d))
+                for x in range(e):
+                    _expert_targets(t, f"{ff}.experts.{x}", ff, x, d, i_dim)
+            else:
+                t[f"{ff}.w1.weight"] = TensorTarget(f"{ff}.w13.weight", gate_half, (i_dim, d))
+                t[f"{ff}.w3.weight"] = TensorTarget(f"{ff}.w13.weight", up_half, (i_dim, d))
+                t[f"{ff}.w2.weight"] = TensorTarget(f"{ff}.w2.weight", (), (d, i_dim))
+    return t
+
+
+def _expert_targets(t: dict[str, TensorTarget], src: str, ff: str, expert: int, d: int, i_dim: int) -> None:
+    t[f"{src}.w1.weight"] = TensorTarget(f"{ff}.experts.w13", (expert, slice(0, i_dim)), (i_dim, d))
+    t[f"{src}.w3.weight"] = TensorTarget(f"{ff}.experts.w13", (expert, slice(i_dim, None)), (i_dim, d))
+    t[f"{src}.w2.weight"] = TensorTarget(f"{ff}.experts.w2", (expert,), (d, i_dim))
+
+
+# ---- finding the files ------------------------------------------------------------------
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files; refuses pickle-only checkpoints and empty folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    index = folder / HF_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); mixserve never unpickles "
+            "weights because that can run arbitrary code. Convert the checkpoint to safetensors."
+        )
+    raise CheckpointError(f"{folder} holds no .safetensors weights")
+
+
+def detect_layout(names: Iterable[str]) -> str:
+    names = set(names)
+    if "model.embed_tokens.weight" in names or any(n.startswith("model.layers.") for n in names):
+        return "hf-fused" if any(n.endswith(".mlp.experts.gate_up_proj") for n in names) else "hf"
+    if "tok_embeddings.weight" in names or any(n.startswith("layers.") for n in names):
+        return "consolidated"
+    sample = ", ".join(sorted(names)[:3]) or "no tensors"
+    raise CheckpointError(
+        "unknown checkpoint layout: expected Hugging Face names (model.embed_tokens.weight, "
+        f"model.layers.N...) or Mistral consolidated names (tok_embeddings.weight, layers.N...); found {sample}"
+    )
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def tensor_names(files: list[Path]) -> dict[str, Path]:
+    names: dict[str, Path] = {}
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                names[name] = path
+    return names
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+
+def load_weights(model: torch.nn.Module, folder: str | Path, args: ModelArgs) -> set[str]:
+    """Copies the checkpoint into `model`'s parameters; returns the checkpoint names loaded.
+
+    Only the parameters `model` has are read, so a module holding a subset (an attention
+    replica without experts, say) reads only its bytes. Every problem is reported at once.
+    """
+    files = safetensors_files(folder)
+    names = tensor_names(files)
+    layout = detect_layout(names)
+    targets = checkpoint_targets(args, layout)
+    params = dict(model.named_parameters())
+    wanted = {name: tgt for name, tgt in targets.items() if tgt.param in params}
+
+    problems: list[str] = []
+    unexpected = sorted(set(names) - set(targets))
+    missing = sorted(set(wanted) - set(names))
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_preview(unexpected)}")
+
+    loaded: set[str] = set()
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name in names:
+            by_file.setdefault(names[name], []).append(name)
+    with torch.no_grad():
+        for path, file_names in by_file.items():
+            with _open(path) as f:
+                for name in file_names:
+                    tgt = wanted[name]
+                    try:
+                        shape = tuple(f.get_slice(name).get_shape())
+                        if shape != tgt.shape:
+                            problems.append(f"{name}: shape {list(shape)}, expected {list(tgt.shape)}")
+                            continue
+                        tensor = f.get_tensor(name)
+                    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                        problems.append(f"{name}: unreadable ({exc})")
+                        continue
+                    if tgt.transform is not None:
+                        tensor = tgt.transform(tensor)
+                    param = params[tgt.param]
+                    (param[tgt.index] if tgt.index else param).copy_(tensor)
+                    loaded.add(name)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} does not match {args.architecture}: " + "; ".join(problems))
+    if args.tie_word_embeddings and "output.weight" in params:
+        params["output.weight"].data = params["tok_embeddings.weight"].data
+    return loaded
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

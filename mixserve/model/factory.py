@@ -1,0 +1,41 @@
+"""Building a `Transformer` without paying for random initialisation, then filling it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mixserve.model.args import ModelArgs
+from mixserve.model.checkpoint import load_weights
+from mixserve.model.layers import RotaryEmbedding
+from mixserve.model.transformer import Transformer, default_feed_forward
+
+
+def create_model(
+    args: ModelArgs,
+    max_positions: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    feed_forward_factory=default_feed_forward,
+) -> Transformer:
+    """An uninitialised model (parameters hold garbage until weights are loaded)."""
+    with torch.device("meta"):
+        model = Transformer(args, max_positions, feed_forward_factory)
+    model = model.to_empty(device=device).to(dtype)
+    # RoPE tables are computed, not loaded: rebuild them for real (and in float32) after to_empty.
+    model.rope = RotaryEmbedding(args.head_dim, args.rope_theta, max_positions).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    folder: str | Path,
+    max_positions: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    feed_forward_factory=default_feed_forward,
+) -> Transformer:
+    args = ModelArgs.from_folder(folder)
+    model = create_model(args, max_positions or args.max_position_embeddings, dtype, device, feed_forward_factory)
+    load_weights(model, folder, args)
+    return model

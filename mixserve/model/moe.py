@@ -1,0 +1,115 @@
+"""Sparse mixture of SwiGLU experts: top-k gating and dropless grouped expert compute.
+
+Shape legend: T = tokens, D = model dim, I = expert hidden dim, E = experts, K = experts per
+token (2 for Mixtral), A = T*K token-expert assignments.
+
+    y = sum_k softmax(topk(x W_g))_k * SwiGLU_{e_k}(x)
+
+The experts are injected (`MoeLayer(gate, experts)`): in one process they are `LocalExperts`;
+in the disaggregated topology the same seam calls expert shards in other processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Experts(Protocol):
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], expert_ids [T, K] long, weights [T, K] -> [T, D] weighted sum of expert outputs."""
+        ...
+
+
+def top_k_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: logits [T, E] -> (weights [T, K] float32, expert_ids [T, K]).
+
+    Softmax over all logits then renormalising the top k equals softmax over the k kept
+    logits; this order matches the reference bit for bit, ties included.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_w, top_ids = torch.topk(probs, k, dim=-1)
+    return top_w / top_w.sum(dim=-1, keepdim=True), top_ids
+
+
+@dataclass
+class Routing:
+    """Token-expert assignments grouped by expert (computed once per MoE layer per step)."""
+
+    token_index: torch.Tensor  # [A] long: source token of each assignment, grouped by expert
+    weights: torch.Tensor  # [A]: gate weight of each assignment, same order
+    counts: list[int]  # [E]: assignments per expert; expert e owns a contiguous run
+
+    @property
+    def active_experts(self) -> list[int]:
+        return [e for e, n in enumerate(self.counts) if n]
+
+    def segments(self):
+        """Yields (expert, start, end) over the grouped assignments of each active expert."""
+        start = 0
+        for expert, n in enumerate(self.counts):
+            if n:
+                yield expert, start, start + n
+                start += n
+
+
+def group_by_expert(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> Routing:
+    flat = expert_ids.reshape(-1)  # [A]
+    order = torch.argsort(flat, stable=True)
+    k = expert_ids.shape[1]
+    return Routing(
+        token_index=order // k,
+        weights=weights.reshape(-1)[order],
+        counts=torch.bincount(flat, minlength=num_experts).tolist(),
+    )
+
+
+def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert on its token group: x [n, D], w13 [2I, D], w2 [D, I] -> [n, D]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def combine(outputs: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
+    """Weighted scatter-add of grouped expert outputs [A, D] back to tokens [T, D]."""
+    weighted = outputs * routing.weights[:, None].to(outputs.dtype)
+    result = torch.zeros(n_tokens, outputs.shape[1], dtype=outputs.dtype, device=outputs.device)
+    return result.index_add_(0, routing.token_index, weighted)
+
+
+class LocalExperts(nn.Module):
+    """All E experts of one layer in this process, stacked: w13 [E, 2I, D], w2 [E, D, I].
+
+    Dropless: every assignment is computed, one matmul pair per active expert, so no token is
+    ever dropped for capacity whatever the routing skew.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        routing = group_by_expert(expert_ids, weights, self.num_experts)
+        grouped_x = x[routing.token_index]  # [A, D]
+        outputs = torch.empty_like(grouped_x)
+        for expert, start, end in routing.segments():
+            outputs[start:end] = swiglu_expert(grouped_x[start:end], self.w13[expert], self.w2[expert])
+        return combine(outputs, routing, x.shape[0])
+
+
+class MoeLayer(nn.Module):
+    def __init__(self, dim: int, num_experts: int, k: int, experts: Experts):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.k = k
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+        weights, expert_ids = top_k_gating(self.gate(x), self.k)
+        return self.experts(x, expert_ids, weights.to(x.dtype))

@@ -1,0 +1,65 @@
+"""The decoder: embeddings, N blocks of (attention, dense or MoE feed-forward), norm, LM head.
+
+Shape legend: T = tokens in the step, D = model dim, V = vocab, N = rows that need logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixserve.model.args import ModelArgs
+from mixserve.model.attention_backends import AttentionBackend, SdpaBackend
+from mixserve.model.cache import RollingKVCache, StepMetadata
+from mixserve.model.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
+from mixserve.model.moe import LocalExperts, MoeLayer
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, feed_forward: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = feed_forward
+
+    def forward(self, x, rope, meta, cache, backend):
+        h = x + self.attention(self.attention_norm(x), self.layer, rope, meta, cache, backend)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def default_feed_forward(args: ModelArgs) -> nn.Module:
+    if args.is_moe:
+        experts = LocalExperts(args.num_experts, args.dim, args.hidden_dim)
+        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, experts)
+    return DenseMLP(args.dim, args.hidden_dim)
+
+
+class Transformer(nn.Module):
+    """Mistral 7B / Mixtral 8x7B. `feed_forward_factory` is the seam for remote experts."""
+
+    def __init__(self, args: ModelArgs, max_positions: int, feed_forward_factory=default_feed_forward):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, i, feed_forward_factory(args)) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, max_positions)
+        self.backend: AttentionBackend = SdpaBackend()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [T] long
+        meta: StepMetadata,
+        cache: RollingKVCache,
+        logit_rows: torch.Tensor,  # [N] long: which of the T positions need logits
+    ) -> torch.Tensor:  # [N, V] float32
+        h = self.tok_embeddings(tokens)  # [T, D]
+        for block in self.layers:
+            h = block(h, self.rope, meta, cache, self.backend)
+        h = self.norm(h.index_select(0, logit_rows))  # the LM head only runs where logits are used
+        return self.output(h).float()

@@ -1,0 +1,115 @@
+"""The `mixserve` command line.
+
+Bad input (an unknown preset, a broken checkpoint, invalid sampling values) prints one clear
+line on stderr and exits with code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from mixserve.errors import MixserveError
+
+EXIT_USAGE = 2
+
+
+def _cmd_init_checkpoint(ns: argparse.Namespace) -> int:
+    from mixserve.model.presets import CONFIG_ONLY, PRESETS, preset
+    from mixserve.platform.demo_checkpoint import write_checkpoint
+
+    if ns.preset not in PRESETS:
+        raise _Usage(f"unknown preset {ns.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if ns.preset in CONFIG_ONLY:
+        raise _Usage(f"{ns.preset} is a config-only preset (its weights are tens of GB); use it for planning")
+    target = Path(ns.dir)
+    if target.exists() and any(target.iterdir()) and not ns.force:
+        raise _Usage(f"{target} exists and is not empty; pass --force to overwrite")
+    # Write into a temporary sibling, then rename: an interrupted run leaves no half checkpoint.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write_checkpoint(staging, preset(ns.preset), seed=ns.seed)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {ns.preset} (random weights, seed {ns.seed}) to {target}")
+    return 0
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from mixserve.llm import LLM
+    from mixserve.replicas.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, seed=ns.seed
+    )
+    llm = LLM(ns.checkpoint, max_model_len=ns.max_model_len, dtype=ns.dtype)
+    if ns.stream:
+        print(ns.prompt, end="", flush=True)
+        for out in llm.stream(ns.prompt, params):
+            print(out.new_text, end="", flush=True)
+        print()
+        return 0
+    out = llm.generate(ns.prompt, params)[0]
+    print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
+    return 0
+
+
+class _Usage(Exception):
+    """A user error the CLI reports on one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors also exit 2, with our format
+        raise _Usage(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mixserve", description="Serve Mistral / Mixtral with experts disaggregated on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    init = sub.add_parser("init-checkpoint", help="write a random-weight demo checkpoint (Hugging Face layout)")
+    init.add_argument("dir", help="folder to write")
+    init.add_argument("--preset", required=True, help="tiny-mixtral, tiny-mistral or small-mixtral")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    init.add_argument("--force", action="store_true", help="replace an existing folder")
+    init.set_defaults(func=_cmd_init_checkpoint)
+
+    gen = sub.add_parser("generate", help="complete one prompt in this process")
+    gen.add_argument("checkpoint", help="checkpoint folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        return ns.func(ns)
+    except _Usage as exc:
+        print(f"mixserve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MixserveError, ValueError) as exc:
+        print(f"mixserve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

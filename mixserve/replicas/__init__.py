@@ -1,0 +1,1 @@
+"""The attention replica: continuous-batching engine, scheduler, sampling and tokenization."""

@@ -1,0 +1,227 @@
+"""The continuous-batching engine: step() = schedule -> run the model -> post-process.
+
+Single-threaded by design: callers (the LLM facade, the Serve replica) own concurrency and
+call add_request / abort / step from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from mixserve.errors import ContextLengthError, InvalidRequestError
+from mixserve.model import ModelArgs, RollingKVCache, SequenceChunk, Transformer, build_step_metadata, load_model
+from mixserve.model.attention_backends import make_backend
+from mixserve.replicas.detokenizer import IncrementalDetokenizer
+from mixserve.replicas.engine_config import EngineConfig
+from mixserve.replicas.sampler import sample, token_logprobs
+from mixserve.replicas.sampling_params import SamplingParams
+from mixserve.replicas.scheduler import ScheduledChunk, Scheduler
+from mixserve.replicas.sequence import RequestOutput, Sequence, Status
+from mixserve.replicas.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig):
+        self.model = model
+        self.args: ModelArgs = model.args
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
+        # Sliding-window models keep W positions; full-attention ones keep the whole context.
+        self.window = min(self.args.sliding_window or self.max_model_len, self.max_model_len)
+        dtype = DTYPES[config.dtype]
+        bytes_per_slot = 2 * self.args.n_layers * self.args.n_kv_heads * self.window * self.args.head_dim
+        bytes_per_slot *= torch.finfo(dtype).bits // 8
+        n_slots = min(config.max_num_seqs, int(config.kv_cache_memory_gb * 1024**3 // bytes_per_slot))
+        if n_slots < 1:
+            raise ValueError(
+                f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds no sequence of {self.window} "
+                f"positions ({bytes_per_slot / 1024**2:.0f} MiB each); raise it or lower max_model_len"
+            )
+        self.cache = RollingKVCache(self.args, n_slots, self.window, dtype, config.device)
+        chunk = min(config.prefill_chunk_size or config.max_num_batched_tokens, self.window)
+        self.scheduler = Scheduler(n_slots, max(config.max_num_batched_tokens, n_slots), chunk)
+        self.model.backend = make_backend(config.attention_backend)
+        self._requests: dict[str, Sequence] = {}
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        args = ModelArgs.from_folder(folder)
+        max_len = config.max_model_len or args.max_position_embeddings
+        model = load_model(folder, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device)
+        return cls(model, Tokenizer.from_checkpoint(folder), config)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+    ) -> None:
+        """Validates and queues a request; raises InvalidRequestError and queues nothing if bad.
+
+        A text prompt gets BOS prepended; a token-id prompt is used exactly as given. With
+        chat=True the first streamed piece loses its leading space (answers follow "[/INST] ").
+        """
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_ids = self._prompt_ids(prompt)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the model's context of {self.max_model_len} tokens",
+                "max_tokens",
+            )
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, strip_leading_space=chat),
+            generator=generator,
+            arrival=time.monotonic(),
+        )
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", "prompt")
+            return self.tokenizer.encode(prompt, bos=True)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", "prompt")
+        vocab = self.args.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt has {len(bad)} token ids outside the vocabulary [0, {vocab}), e.g. {bad[0]!r}", "prompt"
+            )
+        return list(prompt)
+
+    def abort(self, request_id: str) -> bool:
+        """Ends the request now and frees its cache slot; False if it is unknown or already done."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Runs one model step over the scheduled batch; returns the requests that advanced."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        tokens: list[int] = []
+        seq_chunks: list[SequenceChunk] = []
+        logit_rows: list[int] = []
+        row_spans: list[tuple[int, int]] = []  # per chunk: its rows in the logits tensor
+        for chunk in chunks:
+            seq = chunk.seq
+            offset = len(tokens)
+            tokens.extend(seq.next_input(chunk.length))
+            seq_chunks.append(SequenceChunk(seq.slot, seq.num_computed, chunk.length))
+            first = len(logit_rows)
+            if seq.prompt_logprobs is not None and seq.in_prefill:
+                logit_rows.extend(range(offset, offset + chunk.length))
+            elif chunk.completes_prompt:
+                logit_rows.append(offset + chunk.length - 1)
+            row_spans.append((first, len(logit_rows)))
+
+        device = self.config.device
+        meta = build_step_metadata(seq_chunks, self.window, device)
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            meta,
+            self.cache,
+            torch.tensor(logit_rows, dtype=torch.long, device=device),
+        ).cpu()
+
+        sampling: list[tuple[ScheduledChunk, int]] = []
+        for chunk, (first, end) in zip(chunks, row_spans):
+            samples_now = chunk.completes_prompt  # read before num_computed moves on
+            if chunk.seq.prompt_logprobs is not None and chunk.seq.in_prefill:
+                self._record_prompt_logprobs(chunk, logits[first:end])
+            chunk.seq.num_computed += chunk.length
+            if samples_now:
+                sampling.append((chunk, end - 1))
+        if not sampling:
+            return []
+        seqs = [c.seq for c, _ in sampling]
+        rows = logits[[row for _, row in sampling]]
+        new_tokens = sample(rows, seqs, self._generator)
+        wants_lp = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if wants_lp:
+            chosen = [new_tokens[i] for i in wants_lp]
+            top_n = [seqs[i].params.logprobs for i in wants_lp]
+            for i, lp in zip(wants_lp, token_logprobs(rows[wants_lp], chosen, top_n)):
+                seqs[i].logprobs.append(lp)
+        outputs = []
+        for seq, token in zip(seqs, new_tokens):
+            self._append_token(seq, token)
+            outputs.append(seq.snapshot())
+            if seq.status is Status.FINISHED:
+                self._requests.pop(seq.request_id, None)
+        return outputs
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+        """Row r of the chunk predicts prompt token at position start + r + 1."""
+        seq, start = chunk.seq, chunk.seq.num_computed
+        targets = [seq.prompt_ids[p + 1] for p in range(start, start + chunk.length) if p + 1 < seq.prompt_len]
+        if targets:
+            top_n = [seq.params.prompt_logprobs] * len(targets)
+            seq.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top_n))
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        seq.output_ids.append(token)
+        stop_token = token in params.stop_token_ids or (token == self.args.eos_token_id and not params.ignore_eos)
+        if not stop_token:
+            before = len(seq.text)
+            seq.text += seq.detokenizer.add(token)
+            if params.stop and self._cut_at_stop_string(seq, before):
+                self.scheduler.finish(seq, "stop")
+                return
+        if stop_token:
+            seq.text += seq.detokenizer.flush()
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_ids) >= params.max_tokens:
+            seq.text += seq.detokenizer.flush()
+            self.scheduler.finish(seq, "length")
+
+    @staticmethod
+    def _cut_at_stop_string(seq: Sequence, before: int) -> bool:
+        """Truncates the text at the earliest stop string that the new text completed."""
+        search_from = max(0, before - seq.params.max_stop_len + 1)
+        hits = [i for i in (seq.text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[: min(hits)]
+        seq.emitted_text_len = min(seq.emitted_text_len, len(seq.text))
+        return True

@@ -1,0 +1,55 @@
+"""Start-up settings of one engine (one attention replica, or the whole model in one process)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(
+        32, ge=1, description="Most sequences running at once; each holds one rolling-cache slot."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=2,
+        description="Longest prompt + output in tokens. Defaults to the model's max_position_embeddings.",
+    )
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="Token budget of one step, shared by decodes and prefill chunks."
+    )
+    prefill_chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Longest prompt chunk per sequence per step; capped at the sliding window. "
+        "Defaults to the token budget.",
+    )
+    kv_cache_memory_gb: float = Field(
+        4.0,
+        gt=0,
+        description="Memory for the rolling KV cache pool; bounds the number of slots so load "
+        "can never exhaust memory.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight and activation dtype (float32 on CPUs without bf16 units)."
+    )
+    device: str = Field("cpu", description="torch device for weights and caches, e.g. 'cpu' or 'cuda'.")
+    attention_backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto", description="Attention kernel: PyTorch SDPA, or flash-attn on GPUs (the 'gpu' extra)."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; default leaves torch's own choice."
+    )
+    seed: int = Field(0, description="Seed of the generator used by sampled requests that set no seed.")
+
+    @model_validator(mode="after")
+    def _budget_covers_decodes(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so that every running sequence can decode each step"
+            )
+        return self

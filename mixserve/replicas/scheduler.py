@@ -1,0 +1,93 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step: all decoding sequences get one token each (decode latency first), then
+prefilling sequences get prompt chunks of at most `chunk_size` tokens from what is left of
+the step's token budget, then waiting requests are admitted while cache slots and budget
+remain. Requests join and leave the batch at any step; a full slot pool makes admission
+wait, never allocate.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from mixserve.replicas.sequence import Sequence, Status
+
+
+class SlotPool:
+    """Fixed set of cache slot numbers handed to running sequences."""
+
+    def __init__(self, n_slots: int):
+        self._free = list(range(n_slots - 1, -1, -1))
+        self.n_slots = n_slots
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        """After this chunk the sequence has computed its whole input and samples a token."""
+        return self.seq.num_computed + self.length >= self.seq.prompt_len
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, token_budget: int, chunk_size: int):
+        self.slots = SlotPool(n_slots)
+        self.token_budget = token_budget
+        self.chunk_size = chunk_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """The next step's chunks, single-token chunks first (they share the batched decode path)."""
+        decodes = [ScheduledChunk(seq, 1) for seq in self.running if not seq.in_prefill]
+        budget = self.token_budget - len(decodes)  # the budget is >= n_slots, so decodes always fit
+        prefills: list[ScheduledChunk] = []
+        for seq in self.running:
+            if seq.in_prefill and budget > 0:
+                length = min(self.chunk_size, seq.prompt_len - seq.num_computed, budget)
+                (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
+                budget -= length
+        while self.waiting and self.slots.n_free and budget > 0:
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.take()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            length = min(self.chunk_size, seq.prompt_len, budget)
+            (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
+            budget -= length
+        return decodes + prefills
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence and frees its slot at once (finish, stop, abort alike)."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.slots.give_back(seq.slot)
+            seq.slot = None
+        else:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,71 @@
+"""Rolling-buffer cache: metadata, chunked prefill equals unchunked, flat memory past W."""
+
+from __future__ import annotations
+
+import torch
+
+from mixserve import LLM, SamplingParams
+from mixserve.model.cache import SequenceChunk, build_step_metadata
+
+T, F = True, False
+
+
+def test_metadata_matches_the_worked_example():
+    # The docstring of mixserve.model.cache: W = 3, seq A decoding position 7, seq B prefilling 3..5.
+    meta = build_step_metadata([SequenceChunk(0, 7, 1), SequenceChunk(1, 3, 3)], window=3)
+    assert meta.positions.tolist() == [7, 3, 4, 5]
+    assert meta.n_decode == 1
+    assert meta.decode_write_index.tolist() == [1]
+    assert meta.decode_mask[:, 0, 0].tolist() == [[T, T, T]]
+    (pre,) = meta.prefills
+    assert pre.cached_len == 3 and pre.write_index.tolist() == [0, 1, 2]
+    assert pre.mask.tolist() == [
+        [F, T, T, T, F, F],
+        [F, F, T, T, T, F],
+        [F, F, F, T, T, T],
+    ]
+
+
+def test_wrapped_cache_positions_are_masked_by_position_not_index():
+    # W = 4, chunk at positions 10..12: cache index i holds position 9 - ((9 - i) % 4) = [8, 9, 6, 7].
+    meta = build_step_metadata([SequenceChunk(0, 10, 3)], window=4)
+    (pre,) = meta.prefills
+    cache_part = pre.mask[:, :4]
+    # query 10 sees positions 7, 8, 9; query 11 sees 8, 9; query 12 sees 9.
+    assert cache_part.tolist() == [[T, T, F, T], [T, T, F, F], [F, T, F, F]]
+    assert pre.write_index.tolist() == [2, 3, 0]
+
+
+def test_chunked_prefill_equals_unchunked(mixtral_dir):
+    prompt = torch.randint(3, 32000, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=True, logprobs=0)
+    results = []
+    for chunk in (16, 7, 1):  # the window (one chunk per W), an odd size, and token by token
+        llm = LLM(mixtral_dir, max_model_len=256, prefill_chunk_size=chunk)
+        results.append(llm.generate([prompt], params)[0])
+    base = results[0]
+    for other in results[1:]:
+        assert other.token_ids == base.token_ids
+        for a, b in zip(base.prompt_logprobs[1:], other.prompt_logprobs[1:]):
+            assert abs(a[next(iter(a))] - b[next(iter(a))]) < 1e-4
+        for a, b in zip(base.logprobs, other.logprobs):
+            assert a.keys() == b.keys() and abs(next(iter(a.values())) - next(iter(b.values()))) < 1e-4
+
+
+def test_cache_memory_per_sequence_is_flat_beyond_the_window(mixtral_dir):
+    llm = LLM(mixtral_dir, max_model_len=512, max_num_seqs=2)
+    engine = llm.engine
+    window = engine.window
+    args = engine.args
+    expected_per_slot = 2 * args.n_layers * args.n_kv_heads * window * args.head_dim * 4
+    assert engine.cache.bytes_per_slot == expected_per_slot
+    before = (engine.cache.nbytes, engine.cache.k.data_ptr(), engine.cache.k.shape)
+    measured = []
+    for n_tokens in (window // 2, 4 * window, 12 * window):
+        out = llm.generate([1, 100, 200], SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))[0]
+        assert len(out.token_ids) == n_tokens
+        measured.append(engine.cache.nbytes / engine.cache.n_slots)
+    # Same storage, same size, whether a sequence ran half a window or twelve windows.
+    assert (engine.cache.nbytes, engine.cache.k.data_ptr(), engine.cache.k.shape) == before
+    assert measured == [expected_per_slot] * 3
+    assert engine.cache.k.shape[3] == window == 16
