@@ -9,6 +9,7 @@ import torch
 from mixserve.model.args import ModelArgs
 from mixserve.model.checkpoint import load_weights
 from mixserve.model.layers import RotaryEmbedding
+from mixserve.model.packed import pack_model
 from mixserve.model.transformer import Transformer, default_feed_forward
 
 
@@ -38,4 +39,4 @@ def load_model(
     args = ModelArgs.from_folder(folder)
     model = create_model(args, max_positions or args.max_position_embeddings, dtype, device, feed_forward_factory)
     load_weights(model, folder, args)
-    return model
+    return pack_model(model)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixserve.model.packed import pack, packed_matmul
+
 
 class Experts(Protocol):
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -69,9 +71,13 @@ def group_by_expert(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert on its token group: x [n, D], w13 [2I, D], w2 [D, I] -> [n, D]."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    """One expert on its token group: x [n, D] -> [n, D]. Weights are either plain
+    (w13 [2I, D], w2 [D, I]) or packed column blocks (see mixserve.model.packed)."""
+    if w13.dim() == 2:
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+    gate, up = packed_matmul(x, w13).chunk(2, dim=-1)
+    return packed_matmul(F.silu(gate) * up, w2)
 
 
 def combine(outputs: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
@@ -101,6 +107,11 @@ class LocalExperts(nn.Module):
         for expert, start, end in routing.segments():
             outputs[start:end] = swiglu_expert(grouped_x[start:end], self.w13[expert], self.w2[expert])
         return combine(outputs, routing, x.shape[0])
+
+    def pack_weights(self) -> None:
+        """Repacks w13 [E, 2I, D] -> [E, nb, D, bs] and w2 likewise, once, after loading."""
+        self.w13 = nn.Parameter(pack(self.w13.detach()), requires_grad=False)
+        self.w2 = nn.Parameter(pack(self.w2.detach()), requires_grad=False)
 
 
 class MoeLayer(nn.Module):
