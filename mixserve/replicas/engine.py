@@ -175,7 +175,7 @@ class LLMEngine:
             return []
         seqs = [c.seq for c, _ in sampling]
         rows = logits[[row for _, row in sampling]]
-        new_tokens = sample(rows, seqs, self._generator)
+        new_tokens = sample(rows, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
         wants_lp = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         if wants_lp:
             chosen = [new_tokens[i] for i in wants_lp]

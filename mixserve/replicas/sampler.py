@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import torch
 
-from mixserve.replicas.sequence import Logprobs, Sequence
+from mixserve.replicas.sampling_params import SamplingParams
+from mixserve.replicas.sequence import Logprobs
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator) -> list[int]:
-    """logits [B, V] float32 (row i belongs to seqs[i]) -> one token id per row."""
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+) -> list[int]:
+    """logits [B, V] float32 -> one token id per row; row i uses params[i] and generators[i]
+    (None = the engine's shared generator)."""
     tokens = logits.argmax(dim=-1)  # greedy rows keep this
-    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        tokens[rows] = _sample_rows(logits[rows], [seqs[i] for i in rows], default_generator)
+        gens = [generators[i] or default_generator for i in rows]
+        tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows], gens)
     return tokens.tolist()
 
 
-def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], default_generator: torch.Generator) -> torch.Tensor:
-    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     scaled = logits / temps[:, None]  # [B, V]
-    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else 0 for s in seqs])
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params])
     if bool((top_k > 0).any()):
         k_max = int(top_k.max())
         kth = scaled.topk(k_max, dim=-1).values  # [B, k_max]
@@ -33,7 +41,7 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], default_generator: 
         threshold = kth.gather(1, k_index[:, None])
         threshold[top_k <= 0] = float("-inf")
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
-    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
     if bool((top_p < 1).any()):
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -43,8 +51,8 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], default_generator: 
         scaled = scaled.masked_fill(drop, float("-inf"))
     probs = scaled.softmax(dim=-1)
     race = torch.empty_like(probs)
-    for i, seq in enumerate(seqs):
-        race[i].exponential_(generator=seq.generator or default_generator)
+    for i, generator in enumerate(generators):
+        race[i].exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)
 
 

@@ -30,7 +30,8 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            logits = model(torch.tensor([ids]), logits_to_keep=1).logits  # the LM head on the last row only
+            ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
 
 
