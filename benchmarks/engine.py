@@ -166,8 +166,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", default="transformers,vllm", help="comma list; empty for none")
+    parser.add_argument("--transformers-dtypes", default="float32",
+                        help="dtypes to run transformers in (bfloat16 generate is very slow on CPUs without bf16 units)")
     parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON)
-    parser.add_argument("--vllm-binds", default="auto,nobind", help="VLLM_CPU_OMP_THREADS_BIND values to try")
+    parser.add_argument("--vllm-binds", default="0,0-1",
+                        help="VLLM_CPU_OMP_THREADS_BIND values to try; the best is reported ('auto' = '0' on 2 cores; "
+                             "'nobind' is pathological on 2 cores)")
     parser.add_argument("--quick", action="store_true", help="tiny-mixtral, float32, c=1,8, 32 tokens, 1 repeat")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ns = parser.parse_args()
@@ -185,7 +189,7 @@ def main() -> None:
         for dtype in ns.dtypes.split(","):
             common = (folder, dtype, concurrency, ns.new_tokens, ns.prompt_len, ns.repeats)
             ours = run_mixserve(*common)
-            hf = run_transformers(*common) if "transformers" in peers else None
+            hf = run_transformers(*common) if "transformers" in peers and dtype in ns.transformers_dtypes else None
             vllm = run_vllm(ns.vllm_python, *common, ns.vllm_binds.split(",")) if "vllm" in peers else None
             floor = {n: n * bandwidth * 1e9 / weight_bytes_per_decode_step(args, n, DTYPE_BYTES[dtype]) for n in concurrency}
             rows.append(["prefill 512", model_name, dtype, ours.prefill, hf and hf.prefill, vllm and vllm.prefill,

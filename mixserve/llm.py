@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,11 +21,16 @@ Prompt = str | list[int]
 
 
 class LLM:
+    """Runs requests through one engine. Every request has its own output queue, so streams and
+    generate calls can be interleaved freely: whoever steps the engine files each output under
+    its request, and nothing is dropped."""
+
     def __init__(self, checkpoint: str | Path, **engine_options):
         """engine_options are EngineConfig fields (max_num_seqs, max_model_len, dtype, ...)."""
         self.engine = LLMEngine.from_checkpoint(checkpoint, EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        self._queues: dict[str, deque[RequestOutput]] = {}
 
     def generate(
         self,
@@ -41,37 +47,55 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
         ids = [f"generate-{next(self._ids)}" for _ in prompts]
-        added = []
+        final: dict[str, RequestOutput] = {}
         try:
             for request_id, prompt, p in zip(ids, prompts, params_list):
-                self.engine.add_request(request_id, prompt, p)
-                added.append(request_id)
-        except Exception:
-            for request_id in added:
-                self.engine.abort(request_id)
-            raise
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+                self._add(request_id, prompt, p)
+            for request_id in ids:
+                out = self._next_output(request_id)
+                while not out.finished:
+                    out = self._next_output(request_id)
+                final[request_id] = out
+        finally:
+            for request_id in ids:
+                self._release(request_id)
         return [final[i] for i in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Iterator[RequestOutput]:
-        """Yields a RequestOutput each time the request advances; `new_text` is the delta."""
+        """Yields a RequestOutput each time the request advances; `new_text` is the delta.
+        Closing the generator early aborts the request and frees its cache slot."""
         request_id = f"stream-{next(self._ids)}"
-        self.engine.add_request(request_id, prompt, params, chat=chat)
+        self._add(request_id, prompt, params, chat=chat)
         try:
             while True:
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        yield out
-                        if out.finished:
-                            return
+                out = self._next_output(request_id)
+                yield out
+                if out.finished:
+                    return
         finally:
-            self.engine.abort(request_id)
+            self._release(request_id)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         """One chat completion in the Mistral instruct format."""
         *_, last = self.stream(self.tokenizer.encode_chat(messages), params, chat=True)
         return last
+
+    # ---- plumbing -------------------------------------------------------------------------
+    def _add(self, request_id: str, prompt: Prompt, params: SamplingParams | None, chat: bool = False) -> None:
+        self.engine.add_request(request_id, prompt, params, chat=chat)
+        self._queues[request_id] = deque()
+
+    def _next_output(self, request_id: str) -> RequestOutput:
+        queue = self._queues[request_id]
+        while not queue:
+            if not self.engine.has_request(request_id):
+                raise RuntimeError(f"request {request_id} left the engine without a final output")
+            for out in self.engine.step():
+                target = self._queues.get(out.request_id)
+                if target is not None:
+                    target.append(out)
+        return queue.popleft()
+
+    def _release(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._queues.pop(request_id, None)

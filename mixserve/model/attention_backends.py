@@ -80,7 +80,7 @@ class SdpaBackend:
         # Write after attending: the chunk's own writes may overwrite entries its first queries need.
         k_slot.index_copy_(1, p.write_index, k.transpose(0, 1))
         v_slot.index_copy_(1, p.write_index, v.transpose(0, 1))
-        return out.view(h, c, dh).transpose(0, 1)
+        return out.reshape(h, c, dh).transpose(0, 1)
 
 
 def make_backend(name: str) -> AttentionBackend:

@@ -90,7 +90,7 @@ def build_step_metadata(chunks: list[SequenceChunk], window: int, device: torch.
     prefill_meta: list[PrefillMeta] = []
     offset = n_decode
     for c in prefills:
-        prefill_meta.append(_prefill_meta(c, offset, window))
+        prefill_meta.append(_prefill_meta(c, offset, window, device))
         offset += c.length
 
     return StepMetadata(
@@ -104,7 +104,7 @@ def build_step_metadata(chunks: list[SequenceChunk], window: int, device: torch.
     )
 
 
-def _prefill_meta(c: SequenceChunk, token_offset: int, window: int) -> PrefillMeta:
+def _prefill_meta(c: SequenceChunk, token_offset: int, window: int, device: torch.device | str) -> PrefillMeta:
     if c.length > window:
         raise ValueError(f"a prefill chunk holds at most W={window} tokens, got {c.length}")
     cached_len = min(c.start, window)
@@ -120,8 +120,8 @@ def _prefill_meta(c: SequenceChunk, token_offset: int, window: int) -> PrefillMe
         token_offset=token_offset,
         length=c.length,
         cached_len=cached_len,
-        write_index=torch.remainder(query_pos, window),
-        mask=torch.cat([sees_cache, sees_chunk], dim=1),
+        write_index=torch.remainder(query_pos, window).to(device),
+        mask=torch.cat([sees_cache, sees_chunk], dim=1).to(device),
     )
 
 

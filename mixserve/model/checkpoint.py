@@ -194,7 +194,9 @@ def load_weights(model: torch.nn.Module, folder: str | Path, args: ModelArgs) ->
     wanted = {name: tgt for name, tgt in targets.items() if tgt.param in params}
 
     problems: list[str] = []
-    unexpected = sorted(set(names) - set(targets))
+    # A tied checkpoint may still carry its (identical) LM head; it is not needed.
+    ignorable = {"lm_head.weight", "output.weight"} if args.tie_word_embeddings else set()
+    unexpected = sorted(set(names) - set(targets) - ignorable)
     missing = sorted(set(wanted) - set(names))
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_preview(missing)}")

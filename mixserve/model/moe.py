@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixserve.model.packed import pack, packed_matmul
+from mixserve.model.packed import PackedWeight
 
 
 class Experts(Protocol):
@@ -71,13 +71,15 @@ def group_by_expert(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert on its token group: x [n, D] -> [n, D]. Weights are either plain
-    (w13 [2I, D], w2 [D, I]) or packed column blocks (see mixserve.model.packed)."""
-    if w13.dim() == 2:
-        gate, up = F.linear(x, w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w2)
-    gate, up = packed_matmul(x, w13).chunk(2, dim=-1)
-    return packed_matmul(F.silu(gate) * up, w2)
+    """One expert on its token group: x [n, D], w13 [2I, D], w2 [D, I] -> [n, D]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def packed_swiglu_expert(x: torch.Tensor, w13: PackedWeight, w2: PackedWeight) -> torch.Tensor:
+    """swiglu_expert on prepacked weights (see mixserve.model.packed)."""
+    gate, up = w13(x).chunk(2, dim=-1)
+    return w2(F.silu(gate) * up)
 
 
 def combine(outputs: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
@@ -99,19 +101,24 @@ class LocalExperts(nn.Module):
         self.num_experts = num_experts
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.packed: list[tuple[PackedWeight, PackedWeight]] | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D]
         outputs = torch.empty_like(grouped_x)
         for expert, start, end in routing.segments():
-            outputs[start:end] = swiglu_expert(grouped_x[start:end], self.w13[expert], self.w2[expert])
+            group = grouped_x[start:end]
+            if self.packed is not None:
+                outputs[start:end] = packed_swiglu_expert(group, *self.packed[expert])
+            else:
+                outputs[start:end] = swiglu_expert(group, self.w13[expert], self.w2[expert])
         return combine(outputs, routing, x.shape[0])
 
     def pack_weights(self) -> None:
-        """Repacks w13 [E, 2I, D] -> [E, nb, D, bs] and w2 likewise, once, after loading."""
-        self.w13 = nn.Parameter(pack(self.w13.detach()), requires_grad=False)
-        self.w2 = nn.Parameter(pack(self.w2.detach()), requires_grad=False)
+        """Prepacks each expert's w13 and w2 once, after loading, and drops the stacked copies."""
+        self.packed = [(PackedWeight(self.w13[e]), PackedWeight(self.w2[e])) for e in range(self.num_experts)]
+        del self.w13, self.w2
 
 
 class MoeLayer(nn.Module):

@@ -1,63 +1,80 @@
-"""Weights repacked after loading into column blocks, for fast matmuls on CPUs.
+"""Weights prepacked once after loading, for fast matmuls with few activation rows on CPUs.
 
-Why: decode multiplies a few rows of activations by large weight matrices, so it is bound by
-how fast the weights stream from memory. Measured on this project's 2-core AMD EPYC CI
-machine (float32, see benchmarks/RESULTS.md): F.linear on an [out, in] weight reads
-7 to 16 GB/s, x @ W^T stored as [in, out] about 20 GB/s, and column blocks [nb, in, bs]
-through one bmm 25 to 30 GB/s at batch 1 and 1.5 to 2x F.linear at batches 8 to 32.
-Each block's panel stays in cache while all rows of x use it, and bmm spreads the blocks
-over the cores.
+Why: decode multiplies a handful of rows by large weights, and each expert sees only the few
+tokens routed to it, so CPU speed hinges on small-M GEMM. Measured on this project's 2-core
+AMD EPYC CI machine in float32 (T = rows): for a 1024 -> 5632 expert projection, F.linear takes
+1.7 ms at T=1 and 2.9 ms at T=8; a column-blocked bmm layout 0.8 and 1.6 ms; oneDNN's
+`_linear_pointwise` on a weight reordered by `_reorder_linear_weight` 0.66 (padded to 4 rows,
+below) and 0.8 ms (and 0.35 vs 1.2 ms for 2816 -> 1024 at T=8). It is the same kernel path torch.compile's CPU
+backend (Inductor) emits for linear layers. bfloat16 goes through it too (2.6x F.linear here).
 
-Shape legend: T = rows of x, I = in features, O = out features, nb = blocks, bs = block width.
-Checkpoint loading keeps the usual [O, I] layout (names and slices stay simple); `pack_model`
-then converts every projection once.
+The oneDNN ops are private torch ops, so packing probes them once and falls back to the plain
+[O, I] layout with F.linear (also the path on GPUs) if they are missing or disagree.
+Shape legend: T = rows of x, I = in features, O = out features.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-MAX_BLOCK = 2048
+# Layout hint for the reorder: 8 rows measured best over T = 1..100 (a hint of 1 is 2x slower at T >= 8).
+ROWS_HINT = 8
+# oneDNN picks a slower kernel for 1 or 2 rows than for 4: padding with zero rows costs a few KB and
+# saves a quarter to a third on weights that stream from memory (1024 -> 32000: 4.7 ms at T=1, 3.1 at T=4).
+MIN_ROWS = 4
+# Narrow outputs (the MoE gate's 8 logits) gain nothing from packing: 66 us a call through oneDNN
+# against a few us through F.linear.
+MIN_PACKED_OUT = 64
 
 
-def block_width(out_features: int, max_block: int = MAX_BLOCK) -> int:
-    """The largest divisor of out_features not above max_block (at least 1)."""
-    if out_features <= max_block:
-        return out_features
-    for width in range(max_block, 0, -1):
-        if out_features % width == 0:
-            return width
-    return out_features
+@lru_cache(maxsize=None)
+def onednn_linear_works(dtype: torch.dtype) -> bool:
+    """True if this torch build has the oneDNN prepacked linear and it gives F.linear's result."""
+    try:
+        weight = torch.randn(24, 16).to(dtype)
+        x = torch.randn(3, 16).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.allclose(got.float(), F.linear(x, weight).float(), atol=1e-2, rtol=1e-2)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[..., O, I] -> [..., nb, I, bs]: block j holds output columns j*bs .. (j+1)*bs - 1."""
-    *lead, out_f, in_f = weight.shape
-    bs = block_width(out_f)
-    blocks = weight.reshape(*lead, out_f // bs, bs, in_f).transpose(-1, -2)
-    return blocks.contiguous()
+class PackedWeight:
+    """One [O, I] weight, prepacked for oneDNN when that works here, else kept as it is."""
 
+    def __init__(self, weight: torch.Tensor):
+        weight = weight.detach().contiguous()
+        self.out_features = weight.shape[0]
+        self.onednn = (
+            weight.device.type == "cpu" and self.out_features >= MIN_PACKED_OUT and onednn_linear_works(weight.dtype)
+        )
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT) if self.onednn else weight
 
-def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [T, I] @ packed [nb, I, bs] -> [T, nb*bs]; the same result as F.linear(x, weight)."""
-    nb, in_f, bs = packed.shape
-    if nb == 1:
-        return torch.mm(x, packed[0])
-    out = torch.bmm(x.unsqueeze(0).expand(nb, -1, -1), packed)  # [nb, T, bs]
-    return out.transpose(0, 1).reshape(x.shape[0], nb * bs)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, I] -> [T, O]
+        if not self.onednn:
+            return F.linear(x, self.weight)
+        rows = x.shape[0]
+        if rows < MIN_ROWS:
+            x = torch.cat([x, x.new_zeros(MIN_ROWS - rows, x.shape[1])])
+        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
+        return out[:rows] if rows < MIN_ROWS else out
 
 
 class PackedLinear(nn.Module):
-    """A bias-free nn.Linear whose weight lives in the packed layout."""
+    """A bias-free nn.Linear whose weight is a PackedWeight."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = nn.Parameter(pack(linear.weight.detach()), requires_grad=False)
+        self.packed = PackedWeight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_matmul(x, self.packed)
+        return self.packed(x)
 
 
 def pack_model(model: nn.Module) -> nn.Module:

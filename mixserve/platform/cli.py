@@ -27,6 +27,8 @@ def _cmd_init_checkpoint(ns: argparse.Namespace) -> int:
     if ns.preset in CONFIG_ONLY:
         raise _Usage(f"{ns.preset} is a config-only preset (its weights are tens of GB); use it for planning")
     target = Path(ns.dir)
+    if target.exists() and not target.is_dir():
+        raise _Usage(f"{target} exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not ns.force:
         raise _Usage(f"{target} exists and is not empty; pass --force to overwrite")
     # Write into a temporary sibling, then rename: an interrupted run leaves no half checkpoint.
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.set_defaults(func=_cmd_generate)
     return parser
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Usage as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (MixserveError, ValueError) as exc:
+    except (MixserveError, ValueError, OSError) as exc:
         print(f"mixserve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -23,7 +23,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """The text token_id completes (possibly empty while a character is incomplete)."""
-        text = self._decoder.decode(self._bytes[token_id])
+        piece = self._bytes[token_id] if token_id < len(self._bytes) else b""  # past the tokenizer: no text
+        text = self._decoder.decode(piece)
         if text and not self._started:
             self._started = True
             if self._strip and text.startswith(" "):

@@ -32,6 +32,11 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.max_model_len = config.max_model_len or self.args.max_position_embeddings
+        if self.max_model_len > model.rope.cos.shape[0]:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the {model.rope.cos.shape[0]} positions the model "
+                "was built for (max_position_embeddings)"
+            )
         # Sliding-window models keep W positions; full-attention ones keep the whole context.
         self.window = min(self.args.sliding_window or self.max_model_len, self.max_model_len)
         dtype = DTYPES[config.dtype]
@@ -57,6 +62,10 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         args = ModelArgs.from_folder(folder)
         max_len = config.max_model_len or args.max_position_embeddings
+        if max_len > args.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's max_position_embeddings ({args.max_position_embeddings})"
+            )
         model = load_model(folder, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device)
         return cls(model, Tokenizer.from_checkpoint(folder), config)
 
@@ -75,6 +84,7 @@ class LLMEngine:
         chat=True the first streamed piece loses its leading space (answers follow "[/INST] ").
         """
         params = params or SamplingParams()
+        params.validate()  # SamplingParams is mutable: check again what actually runs
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self._prompt_ids(prompt)
@@ -120,6 +130,10 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         return True
 
+    def has_request(self, request_id: str) -> bool:
+        """True while the request is queued or running."""
+        return request_id in self._requests
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
@@ -163,25 +177,27 @@ class LLMEngine:
             torch.tensor(logit_rows, dtype=torch.long, device=device),
         ).cpu()
 
-        sampling: list[tuple[ScheduledChunk, int]] = []
-        for chunk, (first, end) in zip(chunks, row_spans):
-            samples_now = chunk.completes_prompt  # read before num_computed moves on
-            if chunk.seq.prompt_logprobs is not None and chunk.seq.in_prefill:
-                self._record_prompt_logprobs(chunk, logits[first:end])
-            chunk.seq.num_computed += chunk.length
-            if samples_now:
-                sampling.append((chunk, end - 1))
-        if not sampling:
-            return []
+        # Everything that can fail (sampling, log-probs) runs before any sequence state changes,
+        # so an exception leaves every request where it was and the caller can abort cleanly.
+        sampling = [(c, end - 1) for c, (_, end) in zip(chunks, row_spans) if c.completes_prompt]
         seqs = [c.seq for c, _ in sampling]
         rows = logits[[row for _, row in sampling]]
         new_tokens = sample(rows, [s.params for s in seqs], [s.generator for s in seqs], self._generator)
         wants_lp = [i for i, s in enumerate(seqs) if s.logprobs is not None]
-        if wants_lp:
-            chosen = [new_tokens[i] for i in wants_lp]
-            top_n = [seqs[i].params.logprobs for i in wants_lp]
-            for i, lp in zip(wants_lp, token_logprobs(rows[wants_lp], chosen, top_n)):
-                seqs[i].logprobs.append(lp)
+        token_lps = token_logprobs(
+            rows[wants_lp], [new_tokens[i] for i in wants_lp], [seqs[i].params.logprobs for i in wants_lp]
+        ) if wants_lp else []
+        prompt_lps = [
+            self._prompt_logprobs(c, logits[first:end]) if c.seq.prompt_logprobs is not None and c.seq.in_prefill else []
+            for c, (first, end) in zip(chunks, row_spans)
+        ]
+
+        for chunk, lps in zip(chunks, prompt_lps):
+            chunk.seq.num_computed += chunk.length
+            if lps:
+                chunk.seq.prompt_logprobs.extend(lps)
+        for i, lp in zip(wants_lp, token_lps):
+            seqs[i].logprobs.append(lp)
         outputs = []
         for seq, token in zip(seqs, new_tokens):
             self._append_token(seq, token)
@@ -190,13 +206,14 @@ class LLMEngine:
                 self._requests.pop(seq.request_id, None)
         return outputs
 
-    def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
-        """Row r of the chunk predicts prompt token at position start + r + 1."""
+    @staticmethod
+    def _prompt_logprobs(chunk: ScheduledChunk, logits: torch.Tensor) -> list:
+        """Row r of the chunk predicts the prompt token at position start + r + 1."""
         seq, start = chunk.seq, chunk.seq.num_computed
         targets = [seq.prompt_ids[p + 1] for p in range(start, start + chunk.length) if p + 1 < seq.prompt_len]
-        if targets:
-            top_n = [seq.params.prompt_logprobs] * len(targets)
-            seq.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top_n))
+        if not targets:
+            return []
+        return token_logprobs(logits[: len(targets)], targets, [seq.params.prompt_logprobs] * len(targets))
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         params = seq.params

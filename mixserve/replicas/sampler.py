@@ -33,8 +33,9 @@ def sample(
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     scaled = logits / temps[:, None]  # [B, V]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params])
-    if bool((top_k > 0).any()):
+    vocab = scaled.shape[-1]
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params])  # k >= V: no filter
+    if bool(((top_k > 0) & (top_k < vocab)).any()):
         k_max = int(top_k.max())
         kth = scaled.topk(k_max, dim=-1).values  # [B, k_max]
         k_index = (torch.where(top_k > 0, top_k, k_max) - 1).clamp(max=scaled.shape[-1] - 1)
@@ -47,13 +48,15 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first always stays).
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p[:, None]
+        drop_sorted[:, 0] = False  # the most likely token always survives, whatever top_p rounds to
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    race = torch.empty_like(probs)
+    log_probs = scaled.log_softmax(dim=-1)
+    race = torch.empty_like(log_probs)
     for i, generator in enumerate(generators):
         race[i].exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    # argmax p / q in the log domain; the clamp keeps a (vanishingly rare) q = 0 from giving inf - inf.
+    return (log_probs - race.clamp_min(1e-30).log()).argmax(dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: list[int], top_n: list[int]) -> list[Logprobs]:

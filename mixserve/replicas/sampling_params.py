@@ -9,6 +9,10 @@ from mixserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # streamed text is held back by the longest stop string; keep that short
+MAX_TEMPERATURE = 100.0
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows float32)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -35,36 +39,44 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {self.stop!r}", "stop")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise InvalidRequestError("stop_token_ids must be a list of integers", "stop_token_ids")
+        self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.prompt_logprobs, bool):
             self.prompt_logprobs = 0 if self.prompt_logprobs else None
         self.validate()
 
     def validate(self) -> None:
         _int_at_least("max_tokens", self.max_tokens, 1)
-        if not _real(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be a number >= 0, got {self.temperature!r}", "temperature")
+        if not _real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequestError(
+                f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}", "temperature"
+            )
         if not _real(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not _is_int(self.top_k):
-            raise InvalidRequestError(f"top_k must be an integer, got {self.top_k!r}", "top_k")
-        if self.seed is not None and not _is_int(self.seed):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
+            raise InvalidRequestError(f"top_k must be an integer (-1 or 0 = off), got {self.top_k!r}", "top_k")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}", "seed")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise InvalidRequestError(f"{name} must be an integer in 0..{MAX_LOGPROBS}, got {value!r}", name)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty strings", "stop")
+        if any(not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise InvalidRequestError(f"stop strings must be non-empty strings of at most {MAX_STOP_LENGTH} characters", "stop")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be non-negative integers", "stop_token_ids")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def max_stop_len(self) -> int:
@@ -76,7 +88,12 @@ def _is_int(value) -> bool:
 
 
 def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _int_at_least(name: str, value, low: int) -> None:

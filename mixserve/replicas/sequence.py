@@ -96,6 +96,6 @@ class Sequence:
             new_text=new_text,
             finished=finished,
             finish_reason=self.finish_reason,
-            logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )

@@ -69,3 +69,10 @@ def test_cache_memory_per_sequence_is_flat_beyond_the_window(mixtral_dir):
     assert (engine.cache.nbytes, engine.cache.k.data_ptr(), engine.cache.k.shape) == before
     assert measured == [expected_per_slot] * 3
     assert engine.cache.k.shape[3] == window == 16
+
+
+def test_every_metadata_tensor_lives_on_the_requested_device():
+    meta = build_step_metadata([SequenceChunk(0, 7, 1), SequenceChunk(1, 3, 3)], window=4, device="meta")
+    tensors = [meta.positions, meta.decode_slots, meta.decode_write_index, meta.decode_mask]
+    tensors += [t for p in meta.prefills for t in (p.mask, p.write_index)]
+    assert all(t.device.type == "meta" for t in tensors)

@@ -138,3 +138,17 @@ def test_missing_folder_and_empty_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMALL_MIXTRAL.to_hf_config()))
     with pytest.raises(CheckpointError, match="no .safetensors"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("keep_lm_head", [False, True])
+def test_tied_embeddings_match_transformers_with_or_without_a_stored_lm_head(tmp_path, keep_lm_head):
+    transformers = pytest.importorskip("transformers")
+    args = SMALL_MISTRAL.__class__(**{**SMALL_MISTRAL.to_dict(), "tie_word_embeddings": True})
+    tensors = random_hf_tensors(args, seed=4)
+    if keep_lm_head:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    write_checkpoint(tmp_path, args, tensors=tensors)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(PROMPT[None]).logits[0]
+    assert torch.allclose(logits_of(tmp_path), expected, atol=1e-4)

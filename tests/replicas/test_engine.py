@@ -117,6 +117,15 @@ def test_bad_prompts_get_typed_errors_and_the_engine_keeps_serving(mixtral_dir, 
         (dict(logprobs=50), "logprobs"),
         (dict(stop=[""]), "stop"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(stop=5), "stop"),
+        (dict(stop=["x" * 1000]), "stop"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(temperature=10**400), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(ignore_eos="no"), "ignore_eos"),
+        (dict(top_k=None), "top_k"),
     ],
 )
 def test_bad_sampling_params_are_typed_errors(kwargs, param):
@@ -221,3 +230,40 @@ def test_chat_answers_start_without_a_stray_space(mixtral_llm):
     out = mixtral_llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=6, **GREEDY))
     # SentencePiece's own decode drops exactly the first piece's space: the answer must read the same.
     assert out.finished and out.text == mixtral_llm.tokenizer.decode(out.token_ids)
+
+
+def test_a_request_with_top_k_past_the_vocabulary_runs_beside_others(mixtral_llm):
+    prompts = [random_prompt(6, 20), random_prompt(9, 21)]
+    params = [SamplingParams(max_tokens=5, temperature=1.0, top_k=40000, seed=1), SamplingParams(max_tokens=5, **GREEDY)]
+    outs = mixtral_llm.generate(prompts, params)
+    assert [len(o.token_ids) for o in outs] == [5, 5]
+    assert outs[1].token_ids == mixtral_llm.generate([prompts[1]], params[1])[0].token_ids
+
+
+def test_interleaved_streams_and_generate_lose_nothing(mixtral_llm):
+    pa, pb = random_prompt(7, 30), random_prompt(11, 31)
+    params_a, params_b = SamplingParams(max_tokens=12, **GREEDY), SamplingParams(max_tokens=4, **GREEDY)
+    solo_a = mixtral_llm.generate([pa], params_a)[0]
+    solo_b = mixtral_llm.generate([pb], params_b)[0]
+    a, b = mixtral_llm.stream(pa, params_a), mixtral_llm.stream(pb, params_b)
+    pieces_a, pieces_b = [next(a)], [next(b)]
+    middle = mixtral_llm.generate([pb], params_b)[0]  # a whole request while both streams are open
+    pieces_a.extend(a)  # B finishes while A is drained; its outputs wait in B's queue
+    pieces_b.extend(b)
+    assert "".join(p.new_text for p in pieces_a) == solo_a.text and pieces_a[-1].token_ids == solo_a.token_ids
+    assert "".join(p.new_text for p in pieces_b) == solo_b.text and pieces_b[-1].finished
+    assert middle.token_ids == solo_b.token_ids
+    assert not mixtral_llm.engine.has_unfinished()
+
+
+def test_stop_string_spanning_tokens_is_never_streamed(mixtral_llm):
+    prompt = random_prompt(10, 40)
+    free = mixtral_llm.generate([prompt], SamplingParams(max_tokens=24, **GREEDY))[0]
+    tok = mixtral_llm.tokenizer
+    pieces = [tok.piece_bytes[t].decode("utf-8", "replace") for t in free.token_ids]
+    # a stop string made of the end of token 8 and the start of token 9
+    stop = pieces[8][-2:] + pieces[9][:2]
+    expected = free.text[: free.text.index(stop)]
+    chunks = list(mixtral_llm.stream(prompt, SamplingParams(max_tokens=24, temperature=0.0, stop=[stop])))
+    assert "".join(c.new_text for c in chunks) == expected and chunks[-1].text == expected
+    assert all(stop not in c.text for c in chunks)

@@ -43,9 +43,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_greedy_rows_and_sampled_rows_in_one_batch():
-    rows = torch.stack([LOGITS, LOGITS.flip(0)])
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0)]
-    assert sample(rows, params, [None, None], torch.Generator()) == [0, len(LOGITS) - 1]
+    n = 2000
+    rows = torch.stack([LOGITS.flip(0), LOGITS] * n)  # even rows greedy, odd rows sampled
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)] * n
+    tokens = torch.tensor(sample(rows, params, [None] * (2 * n), torch.Generator().manual_seed(1)))
+    assert (tokens[0::2] == len(LOGITS) - 1).all()  # greedy rows: the argmax of the flipped logits
+    freq = torch.bincount(tokens[1::2], minlength=len(LOGITS)).float() / n
+    assert torch.allclose(freq, torch.softmax(LOGITS, dim=-1), atol=0.035)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-39),  # 1 / T overflows float32
+        SamplingParams(temperature=1e-50),  # T rounds to 0 in float32
+        SamplingParams(temperature=1.0, top_p=1e-50),  # top_p rounds to 0
+        SamplingParams(temperature=1.0, top_k=1),
+    ],
+)
+def test_degenerate_settings_fall_back_to_the_most_likely_token(params):
+    rows = LOGITS.flip(0).expand(50, -1).contiguous()
+    assert set(sample(rows, [params] * 50, [None] * 50, torch.Generator())) == {len(LOGITS) - 1}
+
+
+@pytest.mark.parametrize("top_k", [len(LOGITS), 40000, 10**30])
+def test_top_k_at_or_past_the_vocabulary_filters_nothing(top_k):
+    got = frequencies(SamplingParams(temperature=1.0, top_k=top_k))
+    assert torch.allclose(got, torch.softmax(LOGITS, dim=-1), atol=0.03)
 
 
 def test_token_logprobs_put_the_chosen_token_first_and_add_the_top_n():
