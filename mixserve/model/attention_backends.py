@@ -83,13 +83,68 @@ class SdpaBackend:
         return out.reshape(h, c, dh).transpose(0, 1)
 
 
-def make_backend(name: str) -> AttentionBackend:
-    """Picks the attention backend at start-up: 'sdpa', 'flash' (GPU extra) or 'auto'."""
-    if name in ("sdpa", "auto"):
-        # 'auto' stays on SDPA until the flash-attn path has been checked on a GPU.
+class FlashAttentionBackend:
+    """flash-attn 2 on CUDA (the `gpu` extra), fp16/bf16 only.
+
+    Decode: keys and values are written at position % W, then flash_attn_with_kvcache reads the
+    first min(pos + 1, W) cache entries of each slot (their order does not matter: every cached
+    position is inside the window). Prefill: the cached part is rolled into position order and
+    the chunk appended, so causal attention aligned bottom-right with window_size = (W - 1, 0)
+    is exactly sliding-window attention.
+    """
+
+    name = "flash"
+
+    def __init__(self):
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache
+
+        self._func, self._with_kvcache = flash_attn_func, flash_attn_with_kvcache
+
+    def __call__(self, layer, q, k, v, meta, cache):
+        out = torch.empty_like(q)
+        k_pool = cache.k[layer].transpose(1, 2)  # [S, W, KV, Dh] view, head dim contiguous
+        v_pool = cache.v[layer].transpose(1, 2)
+        n_dec = meta.n_decode
+        if n_dec:
+            k_pool[meta.decode_slots, meta.decode_write_index] = k[:n_dec]
+            v_pool[meta.decode_slots, meta.decode_write_index] = v[:n_dec]
+            live = meta.decode_mask[:, 0, 0].sum(-1, dtype=torch.int32)  # [Bd]
+            out[:n_dec] = self._with_kvcache(
+                q[:n_dec, None], k_pool, v_pool, cache_seqlens=live,
+                cache_batch_idx=meta.decode_slots.to(torch.int32), causal=False,
+            )[:, 0]
+        for p in meta.prefills:
+            rows = slice(p.token_offset, p.token_offset + p.length)
+            start = int(p.write_index[0])  # = chunk start % W
+            cached_k, cached_v = k_pool[p.slot, : p.cached_len], v_pool[p.slot, : p.cached_len]
+            if p.cached_len == cache.window:  # wrapped: the oldest position sits at start % W
+                cached_k, cached_v = cached_k.roll(-start, 0), cached_v.roll(-start, 0)
+            keys = torch.cat([cached_k, k[rows]])[None]  # [1, Lc + C, KV, Dh]
+            values = torch.cat([cached_v, v[rows]])[None]
+            out[rows] = self._func(q[rows][None], keys, values, causal=True, window_size=(cache.window - 1, 0))[0]
+            k_pool[p.slot, p.write_index] = k[rows]
+            v_pool[p.slot, p.write_index] = v[rows]
+        return out
+
+
+def make_backend(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """Picks the attention backend at start-up: 'sdpa', 'flash' (GPU extra) or 'auto'
+    (flash-attn on CUDA with fp16/bf16 when it is installed, SDPA otherwise)."""
+    flash_fits = torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "auto":
+        if flash_fits:
+            try:
+                return FlashAttentionBackend()
+            except ImportError:
+                pass
         return SdpaBackend()
     if name == "flash":
-        raise NotImplementedError(
-            "the flash-attn backend is not available yet; use attention_backend='sdpa'"
-        )
-    raise ValueError(f"unknown attention backend {name!r}; choose 'sdpa' or 'auto'")
+        if not flash_fits:
+            raise ValueError("attention_backend='flash' needs device='cuda' and dtype bfloat16 or float16")
+        try:
+            return FlashAttentionBackend()
+        except ImportError:
+            raise ValueError("attention_backend='flash' needs flash-attn: pip install 'mixserve[gpu]'") from None
+    raise ValueError(f"unknown attention backend {name!r}; choose 'auto', 'sdpa' or 'flash'")

@@ -23,31 +23,38 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the weight dtype, as the reference does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        # Lower precision: normalise in float32, cast, then scale, as the reference does.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
     """RoPE in the Hugging Face half-rotation layout (checkpoints in Mistral's interleaved
-    layout have wq/wk permuted at load time, so the forward pass has one convention)."""
+    layout have wq/wk permuted at load time, so the forward pass has one convention).
+
+    rotate_half(x) * sin == roll(x, Dh/2) * [-sin | sin]: the sign is folded into the table, so
+    applying RoPE costs a roll and two multiply-adds.
+    """
 
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, Dh/2]
-        table = torch.cat([angles, angles], dim=-1)  # [P, Dh]
-        self.register_buffer("cos", table.cos(), persistent=False)
-        self.register_buffer("sin", table.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles, angles], dim=-1).cos(), persistent=False)  # [P, Dh]
+        self.register_buffer("signed_sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, Dh]; positions: [T]
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for the step's positions, [T, 1, Dh]; gathered once per step."""
+        return self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: [T, heads, Dh]
+        cos, signed_sin = tables
+        x32 = x.float()
+        rotated = torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+        return rotated.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -55,7 +62,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.split = (q_size, kv_size, kv_size)
+        self.qk_size = q_size + kv_size
         self.wqkv = nn.Linear(args.dim, q_size + 2 * kv_size, bias=False)
         self.wo = nn.Linear(q_size, args.dim, bias=False)
 
@@ -63,16 +70,17 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # [T, D]
         layer: int,
-        rope: RotaryEmbedding,
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
         meta: StepMetadata,
         cache: RollingKVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = rope(q.view(t, self.n_heads, self.head_dim), meta.positions)  # [T, H, Dh]
-        k = rope(k.view(t, self.n_kv_heads, self.head_dim), meta.positions)  # [T, KV, Dh]
-        v = v.view(t, self.n_kv_heads, self.head_dim)
+        qkv = self.wqkv(x)  # [T, (H + 2 KV) * Dh]
+        # q and k sit side by side in the fused output: rotate both with one RoPE call.
+        qk = RotaryEmbedding.apply(qkv[:, : self.qk_size].view(t, -1, self.head_dim), rope_tables)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # [T, H, Dh], [T, KV, Dh]
+        v = qkv[:, self.qk_size :].view(t, self.n_kv_heads, self.head_dim)
         out = backend(layer, q, k, v, meta, cache)  # [T, H, Dh]
         return self.wo(out.reshape(t, -1))
 

@@ -104,6 +104,13 @@ class LocalExperts(nn.Module):
         self.packed: list[tuple[PackedWeight, PackedWeight]] | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.packed is not None:
+            # One token (batch-1 decode): no grouping needed, and every saved op shows at this size.
+            out = None
+            for expert, weight in zip(expert_ids[0].tolist(), weights[0]):
+                y = packed_swiglu_expert(x, *self.packed[expert]) * weight
+                out = y if out is None else out + y
+            return out
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D]
         outputs = torch.empty_like(grouped_x)

@@ -24,8 +24,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
 
-    def forward(self, x, rope, meta, cache, backend):
-        h = x + self.attention(self.attention_norm(x), self.layer, rope, meta, cache, backend)
+    def forward(self, x, rope_tables, meta, cache, backend):
+        h = x + self.attention(self.attention_norm(x), self.layer, rope_tables, meta, cache, backend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -59,7 +59,8 @@ class Transformer(nn.Module):
         logit_rows: torch.Tensor,  # [N] long: which of the T positions need logits
     ) -> torch.Tensor:  # [N, V] float32
         h = self.tok_embeddings(tokens)  # [T, D]
+        rope_tables = self.rope.tables(meta.positions)  # once per step, shared by every layer
         for block in self.layers:
-            h = block(h, self.rope, meta, cache, self.backend)
+            h = block(h, rope_tables, meta, cache, self.backend)
         h = self.norm(h.index_select(0, logit_rows))  # the LM head only runs where logits are used
         return self.output(h).float()

@@ -51,7 +51,7 @@ class LLMEngine:
         self.cache = RollingKVCache(self.args, n_slots, self.window, dtype, config.device)
         chunk = min(config.prefill_chunk_size or config.max_num_batched_tokens, self.window)
         self.scheduler = Scheduler(n_slots, max(config.max_num_batched_tokens, n_slots), chunk)
-        self.model.backend = make_backend(config.attention_backend)
+        self.model.backend = make_backend(config.attention_backend, config.device, dtype)
         self._requests: dict[str, Sequence] = {}
         self._generator = torch.Generator().manual_seed(config.seed)
 
