@@ -30,3 +30,12 @@ def mixtral_llm(mixtral_dir):
     from mixserve import LLM
 
     return LLM(mixtral_dir, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole test session (never a mock)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

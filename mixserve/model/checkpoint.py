@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class TensorTarget:
     index: tuple  # where in that parameter this tensor goes (() = the whole parameter)
     shape: tuple[int, ...]  # the shape the checkpoint tensor must have
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    expert: int | None = None  # for one expert's tensor: which expert (its index[0] in the stack)
 
 
 def _rope_interleaved_to_half(n_heads: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -112,9 +113,29 @@ def checkpoint_targets(args: ModelArgs, layout: str) -> dict[str, TensorTarget]:
 
 
 def _expert_targets(t: dict[str, TensorTarget], src: str, ff: str, expert: int, d: int, i_dim: int) -> None:
-    t[f"{src}.w1.weight"] = TensorTarget(f"{ff}.experts.w13", (expert, slice(0, i_dim)), (i_dim, d))
-    t[f"{src}.w3.weight"] = TensorTarget(f"{ff}.experts.w13", (expert, slice(i_dim, None)), (i_dim, d))
-    t[f"{src}.w2.weight"] = TensorTarget(f"{ff}.experts.w2", (expert,), (d, i_dim))
+    w13, w2 = f"{ff}.experts.w13", f"{ff}.experts.w2"
+    t[f"{src}.w1.weight"] = TensorTarget(w13, (expert, slice(0, i_dim)), (i_dim, d), expert=expert)
+    t[f"{src}.w3.weight"] = TensorTarget(w13, (expert, slice(i_dim, None)), (i_dim, d), expert=expert)
+    t[f"{src}.w2.weight"] = TensorTarget(w2, (expert,), (d, i_dim), expert=expert)
+
+
+def select_experts(targets: dict[str, TensorTarget], experts: list[int]) -> dict[str, TensorTarget]:
+    """Keeps only the listed experts' tensors (plus everything that is not an expert's), and
+    re-indexes them into a stack of len(experts): experts[j] lands at index j. The fused
+    transformers-5 layout stores all experts in one tensor and cannot be split this way."""
+    local = {e: j for j, e in enumerate(experts)}
+    kept = {}
+    for name, tgt in targets.items():
+        if tgt.expert is None:
+            if tgt.param.endswith((".experts.w13", ".experts.w2")):
+                raise CheckpointError(
+                    "this checkpoint stores all experts of a layer in one tensor (transformers >= 5 layout); "
+                    "expert shards need one tensor per expert (the hub layout or Mistral's)"
+                )
+            kept[name] = tgt
+        elif tgt.expert in local:
+            kept[name] = replace(tgt, index=(local[tgt.expert], *tgt.index[1:]), expert=local[tgt.expert])
+    return kept
 
 
 # ---- finding the files ------------------------------------------------------------------
@@ -180,23 +201,27 @@ def tensor_names(files: list[Path]) -> dict[str, Path]:
 # ---- loading ----------------------------------------------------------------------------
 
 
-def load_weights(model: torch.nn.Module, folder: str | Path, args: ModelArgs) -> set[str]:
+def load_weights(
+    model: torch.nn.Module, folder: str | Path, args: ModelArgs, experts: list[int] | None = None
+) -> set[str]:
     """Copies the checkpoint into `model`'s parameters; returns the checkpoint names loaded.
 
     Only the parameters `model` has are read, so a module holding a subset (an attention
-    replica without experts, say) reads only its bytes. Every problem is reported at once.
+    replica without experts, say) reads only its bytes. With `experts`, only those experts'
+    tensors are read, stacked in that order (an expert shard). Every problem is reported at once.
     """
     files = safetensors_files(folder)
     names = tensor_names(files)
     layout = detect_layout(names)
-    targets = checkpoint_targets(args, layout)
+    all_targets = checkpoint_targets(args, layout)
+    targets = select_experts(all_targets, experts) if experts is not None else all_targets
     params = dict(model.named_parameters())
     wanted = {name: tgt for name, tgt in targets.items() if tgt.param in params}
 
     problems: list[str] = []
     # A tied checkpoint may still carry its (identical) LM head; it is not needed.
     ignorable = {"lm_head.weight", "output.weight"} if args.tie_word_embeddings else set()
-    unexpected = sorted(set(names) - set(targets) - ignorable)
+    unexpected = sorted(set(names) - set(all_targets) - ignorable)
     missing = sorted(set(wanted) - set(names))
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_preview(missing)}")

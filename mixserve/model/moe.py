@@ -113,14 +113,20 @@ class LocalExperts(nn.Module):
             return out
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D]
+        outputs = self.run_groups(grouped_x, list(routing.segments()))
+        return combine(outputs, routing, x.shape[0])
+
+    def run_groups(self, grouped_x: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Unweighted expert outputs for token groups: rows start..end of grouped_x go through
+        expert e for each (e, start, end). Expert shards call this with their own groups."""
         outputs = torch.empty_like(grouped_x)
-        for expert, start, end in routing.segments():
+        for expert, start, end in segments:
             group = grouped_x[start:end]
             if self.packed is not None:
                 outputs[start:end] = packed_swiglu_expert(group, *self.packed[expert])
             else:
                 outputs[start:end] = swiglu_expert(group, self.w13[expert], self.w2[expert])
-        return combine(outputs, routing, x.shape[0])
+        return outputs
 
     def pack_weights(self) -> None:
         """Prepacks each expert's w13 and w2 once, after loading, and drops the stacked copies."""

@@ -29,7 +29,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def default_feed_forward(args: ModelArgs) -> nn.Module:
+def default_feed_forward(args: ModelArgs, layer: int) -> nn.Module:
     if args.is_moe:
         experts = LocalExperts(args.num_experts, args.dim, args.hidden_dim)
         return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, experts)
@@ -37,14 +37,14 @@ def default_feed_forward(args: ModelArgs) -> nn.Module:
 
 
 class Transformer(nn.Module):
-    """Mistral 7B / Mixtral 8x7B. `feed_forward_factory` is the seam for remote experts."""
+    """Mistral 7B / Mixtral 8x7B. `feed_forward_factory(args, layer)` is the seam for remote experts."""
 
     def __init__(self, args: ModelArgs, max_positions: int, feed_forward_factory=default_feed_forward):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(args, i, feed_forward_factory(args)) for i in range(args.n_layers)
+            TransformerBlock(args, i, feed_forward_factory(args, i)) for i in range(args.n_layers)
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

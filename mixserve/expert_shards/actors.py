@@ -1,0 +1,119 @@
+"""Expert shards as Ray actors, gang-placed, and the Ray actor-call transport.
+
+Payloads travel as numpy arrays: Ray serialises them zero-copy through its object store and
+measured about half the round trip of torch tensors for the same bytes (issue notes: 1.2 ms
+vs 2.7 ms for 8x1024 float32 each way on this kind of machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from mixserve.expert_shards.dispatch import ShardRequest, ShardUnavailableError
+from mixserve.expert_shards.placement import Placement
+from mixserve.expert_shards.shard import ExpertShard, ShardInfo
+
+
+class ExpertShardActor:
+    """The Ray-facing face of an ExpertShard (numpy in, numpy out)."""
+
+    def __init__(self, shard_id: int, checkpoint: str, experts: list[int], dtype: str, num_threads: int | None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self._shard = ExpertShard(shard_id, checkpoint, experts, dtype)
+
+    def info(self) -> ShardInfo:
+        return self._shard.info()
+
+    def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
+        return self._shard.compute(layer, experts, counts, torch.from_numpy(np.array(x))).numpy()
+
+
+class RayActorTransport:
+    """One actor call per shard per layer, all in flight at once; a dead or silent shard
+    becomes a ShardUnavailableError within `timeout_s` instead of a hang."""
+
+    def __init__(self, actors: dict[int, ray.actor.ActorHandle], timeout_s: float = 30.0):
+        self.actors = actors
+        self.timeout_s = timeout_s
+
+    def run(self, layer: int, requests: dict[int, ShardRequest]) -> dict[int, torch.Tensor]:
+        refs = {
+            sid: self.actors[sid].compute.remote(layer, r.experts, r.counts, r.x.contiguous().numpy())
+            for sid, r in requests.items()
+        }
+        try:
+            outs = ray.get(list(refs.values()), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            for ref in refs.values():  # nothing may keep computing for a step that is abandoned
+                ray.cancel(ref)
+            raise ShardUnavailableError(f"expert shards did not answer layer {layer} within {self.timeout_s:.0f}s") from exc
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise ShardUnavailableError(f"expert shard failed during layer {layer}: {type(exc).__name__}") from exc
+        # Ray hands back read-only views of its object store; a copy of [A, D] is cheap next to the hop.
+        return {sid: torch.from_numpy(np.array(out)) for sid, out in zip(refs, outs)}
+
+
+@dataclass
+class ShardGroup:
+    """A whole set of shard actors, started together or not at all."""
+
+    placement: Placement
+    actors: dict[int, ray.actor.ActorHandle]
+    placement_group: PlacementGroup
+
+    def shutdown(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)
+
+
+def start_shard_group(
+    checkpoint: str | Path,
+    placement: Placement,
+    dtype: str = "float32",
+    cpus_per_shard: float = 1.0,
+    gpus_per_shard: float = 0.0,
+    num_threads: int | None = None,
+    ready_timeout_s: float = 300.0,
+    name_prefix: str | None = None,
+) -> ShardGroup:
+    """Reserves one bundle per shard in a placement group (gang scheduling: all shards fit or
+    none starts), then starts each shard's actor in its bundle and waits until all loaded."""
+    bundle = {"CPU": cpus_per_shard, **({"GPU": gpus_per_shard} if gpus_per_shard else {})}
+    pg = placement_group([dict(bundle) for _ in range(placement.n_shards)], strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=ready_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise ShardUnavailableError(
+            f"the cluster cannot fit {placement.n_shards} expert shards of {bundle} within {ready_timeout_s:.0f}s"
+        ) from None
+    actor_cls = ray.remote(ExpertShardActor)
+    actors = {}
+    try:
+        for sid in range(placement.n_shards):
+            options = dict(
+                num_cpus=cpus_per_shard,
+                num_gpus=gpus_per_shard,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=sid),
+            )
+            if name_prefix:
+                options["name"] = f"{name_prefix}-shard-{sid}"
+            actors[sid] = actor_cls.options(**options).remote(
+                sid, str(checkpoint), placement.experts_of(sid), dtype, num_threads
+            )
+        ray.get([a.info.remote() for a in actors.values()], timeout=ready_timeout_s)
+    except Exception:
+        for actor in actors.values():
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(pg)
+        raise
+    return ShardGroup(placement, actors, pg)

@@ -1,0 +1,117 @@
+"""Sending each MoE layer's token groups to the shards that hold their experts.
+
+Shape legend: T = tokens, D = model dim, K = experts per token, A = T*K assignments.
+
+Per layer and step: route (top-k gate, group by expert) in the attention replica, pick one
+holder shard per active expert (least tokens so far this step, under the current placement),
+send every shard its groups in one message, gather the unweighted outputs and combine them
+with the gate weights locally. The router only publishes placements: data never goes
+through it. A placement swap is atomic: a step reads `self.placement` once per layer call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from mixserve.errors import MixserveError
+from mixserve.expert_shards.placement import Placement
+from mixserve.expert_shards.shard import ExpertShard
+from mixserve.model.moe import combine, group_by_expert
+
+
+class ShardUnavailableError(MixserveError):
+    """A shard failed or timed out; the request is retryable once the shard is back."""
+
+
+@dataclass
+class ShardRequest:
+    experts: list[int]  # in the order their rows appear in x
+    counts: list[int]
+    x: torch.Tensor  # [A_shard, D]
+
+
+class Transport(Protocol):
+    """Moves one layer's groups to shards and back. Implementations: in-process (tests, and
+    the baseline for measuring), Ray actor calls; a GPU build adds NCCL behind the same call."""
+
+    def run(self, layer: int, requests: dict[int, ShardRequest]) -> dict[int, torch.Tensor]:
+        ...
+
+
+class InProcessTransport:
+    """Shards living in this process: no serialisation, no hop."""
+
+    def __init__(self, shards: Sequence[ExpertShard]):
+        self.shards = {s.shard_id: s for s in shards}
+
+    def run(self, layer, requests):
+        return {sid: self.shards[sid].compute(layer, r.experts, r.counts, r.x) for sid, r in requests.items()}
+
+
+class ShardClient:
+    """What an attention replica knows of the expert side: the placement it dispatches by,
+    the transport, and per-shard token counts (its share of the load picture)."""
+
+    def __init__(self, placement: Placement, transport: Transport):
+        self.placement = placement
+        self.transport = transport
+        self.tokens_sent = [0] * placement.n_shards  # cumulative, read by the router
+
+    def set_placement(self, placement: Placement) -> None:
+        """Takes effect from the next layer call; calls in flight keep the table they read."""
+        if placement.n_shards != len(self.tokens_sent):
+            self.tokens_sent.extend([0] * (placement.n_shards - len(self.tokens_sent)))
+        self.placement = placement
+
+    def assign(self, placement: Placement, counts: list[int]) -> dict[int, int]:
+        """expert -> shard: largest groups first, each to its holder with the fewest tokens so far."""
+        load = [0] * placement.n_shards
+        choice = {}
+        for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
+            shard = min(placement.holders[expert], key=lambda s: (load[s], self.tokens_sent[s], s))
+            choice[expert] = shard
+            load[shard] += counts[expert]
+        return choice
+
+
+class RemoteExperts(nn.Module):
+    """The Experts of one layer, computed on shards (implements mixserve.model.moe.Experts)."""
+
+    def __init__(self, layer: int, num_experts: int, client: ShardClient):
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.client = client
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        placement = self.client.placement  # read once: a swap mid-layer cannot split this call
+        routing = group_by_expert(expert_ids, weights, self.num_experts)
+        grouped_x = x[routing.token_index]  # [A, D], grouped by expert
+        segments = {e: (start, end) for e, start, end in routing.segments()}
+        shard_of = self.client.assign(placement, routing.counts)
+
+        requests: dict[int, ShardRequest] = {}
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for expert, shard in shard_of.items():
+            req = requests.setdefault(shard, ShardRequest([], [], x))
+            start, end = segments[expert]
+            req.experts.append(expert)
+            req.counts.append(end - start)
+            rows.setdefault(shard, []).append((start, end))
+        for shard, req in requests.items():
+            req.x = torch.cat([grouped_x[s:e] for s, e in rows[shard]])
+            self.client.tokens_sent[shard] += req.x.shape[0]
+
+        results = self.client.transport.run(self.layer, requests)
+        outputs = torch.empty_like(grouped_x)
+        for shard, out in results.items():
+            offset = 0
+            for start, end in rows[shard]:
+                outputs[start:end] = out[offset : offset + end - start]
+                offset += end - start
+        return combine(outputs, routing, x.shape[0])

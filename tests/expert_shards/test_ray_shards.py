@@ -1,0 +1,70 @@
+"""Expert shards as real Ray actors on a local cluster: same results, bounded failure."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mixserve import LLM, SamplingParams
+from mixserve.expert_shards.actors import RayActorTransport, start_shard_group
+from mixserve.expert_shards.dispatch import RemoteExperts, ShardClient, ShardUnavailableError
+from mixserve.expert_shards.placement import Placement
+from mixserve.model import load_model
+from mixserve.model.moe import MoeLayer
+from mixserve.replicas.engine import LLMEngine
+from mixserve.replicas.engine_config import EngineConfig
+from mixserve.replicas.tokenizer import Tokenizer
+
+
+def engine_over(group, folder, timeout_s=20.0):
+    client = ShardClient(group.placement, RayActorTransport(group.actors, timeout_s=timeout_s))
+
+    def remote(args, layer):
+        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, RemoteExperts(layer, args.num_experts, client))
+
+    model = load_model(folder, max_positions=256, feed_forward_factory=remote)
+    return LLMEngine(model, Tokenizer.from_checkpoint(folder), EngineConfig(max_model_len=256, max_num_batched_tokens=48))
+
+
+def test_ray_shard_actors_give_the_single_process_tokens(ray_cluster, mixtral_dir):
+    placement = Placement.contiguous(8, 4, capacity=3).with_replica(5, 0)
+    group = start_shard_group(mixtral_dir, placement, cpus_per_shard=1, num_threads=1)
+    try:
+        engine = engine_over(group, mixtral_dir)
+        gen = torch.Generator().manual_seed(9)
+        prompts = [[1] + torch.randint(3, 32000, (n,), generator=gen).tolist() for n in (6, 33, 12)]
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        final = {}
+        while engine.has_unfinished():
+            final.update({o.request_id: o for o in engine.step() if o.finished})
+        expected = LLM(mixtral_dir, max_model_len=256).generate(prompts, params)
+        for i, exp in enumerate(expected):
+            assert final[str(i)].token_ids == exp.token_ids
+            for a, b in zip(final[str(i)].logprobs, exp.logprobs):
+                assert abs(next(iter(a.values())) - next(iter(b.values()))) < 1e-4
+    finally:
+        group.shutdown()
+
+
+def test_a_killed_shard_fails_the_step_quickly_with_a_retryable_error(ray_cluster, mixtral_dir):
+    ray = ray_cluster
+    group = start_shard_group(mixtral_dir, Placement.contiguous(8, 2), cpus_per_shard=1, num_threads=1)
+    try:
+        engine = engine_over(group, mixtral_dir, timeout_s=10.0)
+        engine.add_request("r", [1, 100, 200, 300], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+        engine.step()
+        engine.step()
+        ray.kill(group.actors[1], no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(ShardUnavailableError):
+            for _ in range(5):
+                engine.step()
+        assert time.monotonic() - start < 10.0
+        assert engine.abort("r") and engine.scheduler.slots.n_free == engine.scheduler.slots.n_slots
+    finally:
+        group.shutdown()
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
