@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CHECKPOINT ?= checkpoints/tiny-mixtral
 PRESET ?= tiny-mixtral
+CONFIG ?= infra/deploy/local-tiny-mixtral.yaml
 
 $(BIN)/mixserve: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +24,7 @@ $(CHECKPOINT)/config.json: | $(BIN)/mixserve
 demo-checkpoint: $(CHECKPOINT)/config.json
 
 serve: $(BIN)/mixserve $(CHECKPOINT)/config.json
-	$(BIN)/mixserve generate $(CHECKPOINT) --prompt "The mixture of experts" --max-tokens 48 --stream
+	$(BIN)/mixserve serve $(CONFIG)
 
 test: $(BIN)/mixserve
 	$(BIN)/python -m pytest -q tests

@@ -60,7 +60,8 @@ class ShardClient:
     def __init__(self, placement: Placement, transport: Transport):
         self.placement = placement
         self.transport = transport
-        self.tokens_sent = [0] * placement.n_shards  # cumulative, read by the router
+        self.tokens_sent = [0] * placement.n_shards  # cumulative per shard, reported to the router
+        self.expert_tokens = [0] * placement.num_experts  # cumulative per expert
 
     def set_placement(self, placement: Placement) -> None:
         """Takes effect from the next layer call; calls in flight keep the table they read."""
@@ -94,6 +95,8 @@ class RemoteExperts(nn.Module):
         grouped_x = x[routing.token_index]  # [A, D], grouped by expert
         segments = {e: (start, end) for e, start, end in routing.segments()}
         shard_of = self.client.assign(placement, routing.counts)
+        for expert, n in enumerate(routing.counts):
+            self.client.expert_tokens[expert] += n
 
         requests: dict[int, ShardRequest] = {}
         rows: dict[int, list[tuple[int, int]]] = {}

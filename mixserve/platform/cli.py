@@ -64,6 +64,66 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from mixserve.platform.app import APP_NAME, build_app
+    from mixserve.platform.config import DeploymentConfig
+
+    config = DeploymentConfig.from_yaml(ns.config)
+    app = build_app(config)  # checks the config against the checkpoint before anything starts
+    ray.init(address=ns.address, include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    print(f"mixserve: serving {config.model.name} at http://{config.http.host}:{config.http.port}/v1 "
+          f"({config.attention.replicas} attention replicas, {config.experts.shards or 'in-process'} expert shards)",
+          flush=True)
+    if ns.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from mixserve.platform.app import APP_NAME
+
+    try:
+        ray.init(address=ns.address, include_dashboard=False, logging_level="ERROR")
+    except ConnectionError as exc:
+        raise _Usage(f"no Ray cluster at {ns.address!r}: {exc}") from None
+    apps = serve.status().applications
+    if APP_NAME not in apps:
+        raise _Usage("mixserve is not running on this Ray cluster (start it with `mixserve serve CONFIG`)")
+    report: dict = {"status": str(apps[APP_NAME].status), "deployments": {}}
+    for name, dep in apps[APP_NAME].deployments.items():
+        report["deployments"][name] = {"status": str(dep.status), "replicas": dict(dep.replica_states)}
+    replica = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME)
+    report["attention"] = replica.stats.remote().result(timeout_s=30)
+    if "ExpertRouter" in apps[APP_NAME].deployments:
+        router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
+        status = router.status.remote().result(timeout_s=30)
+        report["experts"] = {
+            "placement_version": status.placement_version,
+            "shards": status.shards,
+            "alive": status.alive,
+            "tokens_per_shard": status.shard_tokens,
+            "tokens_per_expert": status.expert_tokens,
+            "balance_max_over_mean": round(status.balance, 3),
+        }
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 class _Usage(Exception):
     """A user error the CLI reports on one line with exit code 2."""
 
@@ -96,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="deploy the topology in CONFIG on Ray Serve and serve HTTP")
+    srv.add_argument("config", help="deployment YAML (see README)")
+    srv.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    srv.add_argument("--detach", action="store_true", help="return once serving (the Ray cluster keeps it running)")
+    srv.set_defaults(func=_cmd_serve)
+
+    st = sub.add_parser("status", help="replicas, shards, placement and load of a running deployment")
+    st.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
+    st.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""The expert router: a Ray Serve deployment that owns placement, shard health and load.
+
+It starts the shard group (gang-placed actors) and hands attention replicas what they need to
+dispatch directly: the current placement and the shards' actor handles. Replicas report the
+tokens they sent per shard and per expert; the router keeps a sliding window of that load and
+publishes it, with the balance figure (max/mean tokens per shard). No token passes through it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+from mixserve.expert_shards.actors import ShardGroup, start_shard_group
+from mixserve.expert_shards.placement import Placement
+
+LOAD_WINDOW_S = 60.0
+
+
+@dataclass
+class RouterStatus:
+    placement_version: int
+    shards: dict[int, list[int]]  # shard -> experts it holds
+    shard_tokens: list[float]  # tokens per shard over the load window
+    expert_tokens: list[float]  # tokens per expert over the load window
+    balance: float  # max / mean tokens per shard (1.0 = even)
+    alive: dict[int, bool]
+
+
+class ExpertRouter:
+    def __init__(
+        self,
+        checkpoint: str,
+        num_experts: int,
+        n_shards: int,
+        experts_per_shard: int | None = None,
+        dtype: str = "float32",
+        cpus_per_shard: float = 1.0,
+        gpus_per_shard: float = 0.0,
+        num_threads: int | None = None,
+    ):
+        self._start_args = dict(
+            checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
+            gpus_per_shard=gpus_per_shard, num_threads=num_threads,
+        )
+        self._placement = Placement.contiguous(num_experts, n_shards, capacity=experts_per_shard)
+        self._group: ShardGroup = start_shard_group(placement=self._placement, **self._start_args)
+        self._lock = threading.Lock()
+        self._reports: collections.deque[tuple[float, list[int], list[int]]] = collections.deque()
+
+    # ---- what replicas ask ------------------------------------------------------------------
+    def placement(self) -> Placement:
+        return self._placement
+
+    def shard_handles(self) -> dict:
+        return dict(self._group.actors)
+
+    def report_load(self, shard_tokens: list[int], expert_tokens: list[int]) -> None:
+        """Tokens a replica sent since its last report."""
+        with self._lock:
+            self._reports.append((time.monotonic(), list(shard_tokens), list(expert_tokens)))
+
+    # ---- what operators ask -----------------------------------------------------------------
+    def status(self) -> RouterStatus:
+        shard_tokens, expert_tokens = self._window()
+        placement = self._placement
+        return RouterStatus(
+            placement_version=placement.version,
+            shards={s: placement.experts_of(s) for s in range(placement.n_shards)},
+            shard_tokens=shard_tokens,
+            expert_tokens=expert_tokens,
+            balance=_balance(shard_tokens),
+            alive=self._alive(),
+        )
+
+    def _window(self) -> tuple[list[float], list[float]]:
+        cutoff = time.monotonic() - LOAD_WINDOW_S
+        with self._lock:
+            while self._reports and self._reports[0][0] < cutoff:
+                self._reports.popleft()
+            shards = [0.0] * self._placement.n_shards
+            experts = [0.0] * self._placement.num_experts
+            for _, s_tokens, e_tokens in self._reports:
+                for i, n in enumerate(s_tokens[: len(shards)]):
+                    shards[i] += n
+                for i, n in enumerate(e_tokens[: len(experts)]):
+                    experts[i] += n
+        return shards, experts
+
+    def _alive(self) -> dict[int, bool]:
+        import ray
+
+        alive = {}
+        for sid, actor in self._group.actors.items():
+            try:
+                ray.get(actor.info.remote(), timeout=5)
+                alive[sid] = True
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                alive[sid] = False
+        return alive
+
+    def __del__(self):
+        group = getattr(self, "_group", None)
+        if group is not None:
+            group.shutdown()
+
+
+def _balance(loads: list[float]) -> float:
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return max(loads) / mean if mean else 1.0

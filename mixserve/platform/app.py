@@ -1,0 +1,50 @@
+"""Turning a DeploymentConfig into a Ray Serve application: ingress -> attention replicas ->
+(expert router + shard actors)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+
+from mixserve.expert_shards.router import ExpertRouter
+from mixserve.model.args import ModelArgs
+from mixserve.platform.config import ConfigError, DeploymentConfig
+from mixserve.platform.experts_wiring import connect_remote_experts
+from mixserve.platform.http_ingress import HttpIngress
+from mixserve.replicas.deployment import AttentionReplica
+
+APP_NAME = "mixserve"
+
+
+def build_app(config: DeploymentConfig) -> Application:
+    checkpoint = str(Path(config.model.source).resolve())
+    engine = config.attention.engine
+    router = connector = None
+    if config.experts.shards:
+        args = ModelArgs.from_folder(checkpoint)
+        if not args.is_moe:
+            raise ConfigError(f"experts.shards is {config.experts.shards} but {config.model.source} is a dense model")
+        if config.experts.shards > args.num_experts:
+            raise ConfigError(f"experts.shards ({config.experts.shards}) exceeds the model's {args.num_experts} experts")
+        router = serve.deployment(ExpertRouter, name="ExpertRouter", ray_actor_options={"num_cpus": 0}).bind(
+            checkpoint,
+            args.num_experts,
+            config.experts.shards,
+            config.experts.experts_per_shard,
+            engine.dtype,
+            config.experts.cpus_per_shard,
+            config.experts.gpus_per_shard,
+            engine.num_threads,
+        )
+        connector = functools.partial(connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s)
+    replica = serve.deployment(
+        AttentionReplica,
+        name="AttentionReplica",
+        num_replicas=config.attention.replicas,
+        max_ongoing_requests=4 * engine.max_num_seqs,
+        ray_actor_options={"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica},
+    ).bind(checkpoint, config.model.name, engine.model_dump(), router, connector)
+    return HttpIngress.options(ray_actor_options={"num_cpus": 0}).bind(replica, config.model.name)

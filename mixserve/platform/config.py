@@ -1,0 +1,84 @@
+"""The deployment config: one YAML file describes the whole topology.
+
+    model: {name: tiny-mixtral, source: ./checkpoints/tiny-mixtral}
+    attention: {replicas: 2}
+    experts: {shards: 4, replicate_hottest: 1}     # shards: 0 = experts in-process
+    http: {host: 127.0.0.1, port: 8000}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mixserve.errors import MixserveError
+from mixserve.replicas.engine_config import EngineConfig
+
+
+class ConfigError(MixserveError):
+    """The deployment config is missing, not YAML, or invalid; the message says where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    name: str = Field(..., min_length=1, description="The name clients pass as `model` (also listed by /v1/models).")
+    source: str = Field(..., min_length=1, description="Checkpoint folder (safetensors, Hugging Face or Mistral layout).")
+
+    @field_validator("source")
+    @classmethod
+    def _local_folder_exists(cls, value: str) -> str:
+        if "://" not in value and not Path(value).is_dir():
+            raise ValueError(f"checkpoint folder {value!r} does not exist")
+        return value
+
+
+class AttentionSection(_Strict):
+    replicas: int = Field(1, ge=1, le=64, description="Attention replicas (each holds the non-expert weights and KV caches).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs each attention replica reserves.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs each attention replica reserves (0 on CPU clusters).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine settings of every replica.")
+
+
+class ExpertsSection(_Strict):
+    shards: int = Field(0, ge=0, le=256, description="Expert shard actors; 0 keeps the experts inside each attention replica.")
+    experts_per_shard: int | None = Field(
+        None, ge=1, description="Expert slots per shard; slots beyond the even split hold replicas of hot experts."
+    )
+    replicate_hottest: int = Field(0, ge=0, description="Hot experts to replicate into spare slots when the router rebalances.")
+    cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs each expert shard reserves.")
+    gpus_per_shard: float = Field(0.0, ge=0, description="Ray GPUs each expert shard reserves.")
+    dispatch_timeout_s: float = Field(30.0, gt=0, description="A shard silent this long fails the step with a retryable error.")
+
+
+class HttpSection(_Strict):
+    host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose the server.")
+    port: int = Field(8000, ge=1, le=65535, description="Listen port of the HTTP front door.")
+
+
+class DeploymentConfig(_Strict):
+    model: ModelSection = Field(..., description="What to serve and where its weights are.")
+    attention: AttentionSection = Field(default_factory=AttentionSection, description="The attention side.")
+    experts: ExpertsSection = Field(default_factory=ExpertsSection, description="The expert side.")
+    http: HttpSection = Field(default_factory=HttpSection, description="The HTTP front door.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DeploymentConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping with at least a `model` section")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"{path}: {problems}") from None

@@ -1,0 +1,48 @@
+"""Connecting an attention replica to the expert side: the one place that knows both.
+
+`connect_remote_experts` runs inside each attention replica (awaited by its constructor): it
+asks the router for the placement and the shards' actor handles, builds the ShardClient the
+replica dispatches through, starts reporting the replica's load to the router, and returns the
+feed-forward factory the replica's model is built with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mixserve.expert_shards.actors import RayActorTransport
+from mixserve.expert_shards.dispatch import RemoteExperts, ShardClient
+from mixserve.model.moe import MoeLayer
+
+log = logging.getLogger(__name__)
+REPORT_EVERY_S = 1.0
+
+
+async def connect_remote_experts(router, timeout_s: float = 30.0):
+    placement = await router.placement.remote()
+    handles = await router.shard_handles.remote()
+    client = ShardClient(placement, RayActorTransport(handles, timeout_s=timeout_s))
+    asyncio.get_running_loop().create_task(_report_load(router, client))
+
+    def feed_forward(args, layer):
+        experts = RemoteExperts(layer, args.num_experts, client)
+        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, experts)
+
+    return feed_forward
+
+
+async def _report_load(router, client: ShardClient) -> None:
+    """Sends the router the tokens this replica dispatched since the last report."""
+    sent_shards, sent_experts = [0] * len(client.tokens_sent), [0] * len(client.expert_tokens)
+    while True:
+        await asyncio.sleep(REPORT_EVERY_S)
+        shards, experts = list(client.tokens_sent), list(client.expert_tokens)
+        delta_s = [a - b for a, b in zip(shards, sent_shards)]
+        delta_e = [a - b for a, b in zip(experts, sent_experts)]
+        if any(delta_s):
+            try:
+                await router.report_load.remote(delta_s, delta_e)
+                sent_shards, sent_experts = shards, experts
+            except Exception:  # noqa: BLE001 - a missed report only delays the load picture
+                log.warning("could not report expert load to the router", exc_info=True)

@@ -1,0 +1,87 @@
+"""The attention replica as a Ray Serve deployment body.
+
+It holds the non-expert weights and the rolling KV caches and runs continuous batching. Where
+the experts live is injected: `await experts_connector(router)` returns the model's feed-forward
+factory (remote shards); None keeps the experts in-process. The platform wires that in,
+so this module never imports the expert side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+
+from mixserve.errors import InvalidRequestError, MixserveError
+from mixserve.model import ModelArgs, load_model
+from mixserve.replicas.async_engine import AsyncEngine
+from mixserve.replicas.engine import DTYPES, LLMEngine
+from mixserve.replicas.engine_config import EngineConfig
+from mixserve.replicas.sampling_params import SamplingParams
+from mixserve.replicas.sequence import RequestOutput
+from mixserve.replicas.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerateRequest:
+    """What the ingress sends a replica (typed, pickled across processes)."""
+
+    prompt: str | list[int]
+    params: SamplingParams
+    chat: bool = False
+    request_id: str | None = None
+
+
+@dataclass
+class GenerateError:
+    """A request's failure, sent as a message so that its type survives the hop."""
+
+    kind: str  # "invalid_request" | "unavailable"
+    message: str
+    param: str | None = None
+
+
+class AttentionReplica:
+    async def __init__(  # Serve awaits async constructors; the experts connector is async
+        self,
+        checkpoint: str,
+        model_name: str,
+        engine_config: dict,
+        expert_router=None,
+        experts_connector: Callable[..., Awaitable[Callable]] | None = None,
+    ):
+        config = EngineConfig.model_validate(engine_config)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        args = ModelArgs.from_folder(checkpoint)
+        max_len = config.max_model_len or args.max_position_embeddings
+        kwargs = {}
+        if experts_connector is not None:
+            kwargs["feed_forward_factory"] = await experts_connector(expert_router)
+        model = await asyncio.to_thread(
+            load_model, checkpoint, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device, **kwargs
+        )
+        self.model_name = model_name
+        self.engine = AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(checkpoint), config))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | GenerateError]:
+        try:
+            async for out in self.engine.generate(request.prompt, request.params, request.chat, request.request_id):
+                yield out
+        except InvalidRequestError as exc:
+            yield GenerateError("invalid_request", exc.message, exc.param)
+        except MixserveError as exc:
+            yield GenerateError("unavailable", str(exc))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.engine.engine.tokenizer.encode_chat(messages)
+
+    def stats(self) -> dict:
+        return {"model": self.model_name, **self.engine.stats()}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
