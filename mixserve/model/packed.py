@@ -62,6 +62,8 @@ class PackedWeight:
         if not self.onednn:
             return F.linear(x, self.weight)
         rows = x.shape[0]
+        if rows == 0:
+            return x.new_empty(0, self.out_features)
         padded = self.pad_rows and rows < MIN_ROWS
         if padded:
             x = torch.cat([x, x.new_zeros(MIN_ROWS - rows, x.shape[1])])

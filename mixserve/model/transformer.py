@@ -62,5 +62,7 @@ class Transformer(nn.Module):
         rope_tables = self.rope.tables(meta.positions)  # once per step, shared by every layer
         for block in self.layers:
             h = block(h, rope_tables, meta, cache, self.backend)
+        if logit_rows.numel() == 0:  # a mid-prompt chunk: nothing to sample, skip the LM head
+            return h.new_empty(0, self.args.vocab_size, dtype=torch.float32)
         h = self.norm(h.index_select(0, logit_rows))  # the LM head only runs where logits are used
         return self.output(h).float()

@@ -98,7 +98,7 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     from mixserve.platform.app import APP_NAME
 
     try:
-        ray.init(address=ns.address, include_dashboard=False, logging_level="ERROR")
+        ray.init(address=ns.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as exc:
         raise _Usage(f"no Ray cluster at {ns.address!r}: {exc}") from None
     apps = serve.status().applications
