@@ -21,7 +21,7 @@ from torch import nn
 from mixserve.errors import MixserveError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
-from mixserve.model.moe import combine, group_by_expert
+from mixserve.model.moe import MoeLayer, combine, group_by_expert
 
 
 class ShardUnavailableError(MixserveError):
@@ -118,3 +118,14 @@ class RemoteExperts(nn.Module):
                 outputs[start:end] = out[offset : offset + end - start]
                 offset += end - start
         return combine(outputs, routing, x.shape[0])
+
+
+def remote_feed_forward(client: ShardClient):
+    """The feed-forward factory of a model whose experts live on the shards behind `client`
+    (pass it to mixserve.model.load_model)."""
+
+    def build(args, layer: int) -> MoeLayer:
+        experts = RemoteExperts(layer, args.num_experts, client)
+        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, experts)
+
+    return build

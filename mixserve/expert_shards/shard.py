@@ -17,10 +17,10 @@ from torch import nn
 from mixserve.errors import CheckpointError
 from mixserve.model.args import ModelArgs
 from mixserve.model.checkpoint import load_weights
+from mixserve.model.factory import DTYPES
 from mixserve.model.moe import LocalExperts
 from mixserve.model.packed import pack_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _FeedForward(nn.Module):

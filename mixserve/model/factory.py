@@ -12,6 +12,8 @@ from mixserve.model.layers import RotaryEmbedding
 from mixserve.model.packed import pack_model
 from mixserve.model.transformer import Transformer, default_feed_forward
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def create_model(
     args: ModelArgs,

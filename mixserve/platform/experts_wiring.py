@@ -12,8 +12,7 @@ import asyncio
 import logging
 
 from mixserve.expert_shards.actors import RayActorTransport
-from mixserve.expert_shards.dispatch import RemoteExperts, ShardClient
-from mixserve.model.moe import MoeLayer
+from mixserve.expert_shards.dispatch import ShardClient, remote_feed_forward
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
@@ -24,12 +23,7 @@ async def connect_remote_experts(router, timeout_s: float = 30.0):
     handles = await router.shard_handles.remote()
     client = ShardClient(placement, RayActorTransport(handles, timeout_s=timeout_s))
     asyncio.get_running_loop().create_task(_report_load(router, client))
-
-    def feed_forward(args, layer):
-        experts = RemoteExperts(layer, args.num_experts, client)
-        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, experts)
-
-    return feed_forward
+    return remote_feed_forward(client)
 
 
 async def _report_load(router, client: ShardClient) -> None:

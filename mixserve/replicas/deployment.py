@@ -17,7 +17,8 @@ import torch
 from mixserve.errors import InvalidRequestError, MixserveError
 from mixserve.model import ModelArgs, load_model
 from mixserve.replicas.async_engine import AsyncEngine
-from mixserve.replicas.engine import DTYPES, LLMEngine
+from mixserve.model.factory import DTYPES
+from mixserve.replicas.engine import LLMEngine
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput

@@ -14,6 +14,7 @@ import torch
 from mixserve.errors import ContextLengthError, InvalidRequestError
 from mixserve.model import ModelArgs, RollingKVCache, SequenceChunk, Transformer, build_step_metadata, load_model
 from mixserve.model.attention_backends import make_backend
+from mixserve.model.factory import DTYPES
 from mixserve.replicas.detokenizer import IncrementalDetokenizer
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.sampler import sample, token_logprobs
@@ -22,7 +23,6 @@ from mixserve.replicas.scheduler import ScheduledChunk, Scheduler
 from mixserve.replicas.sequence import RequestOutput, Sequence, Status
 from mixserve.replicas.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLMEngine:

@@ -7,11 +7,10 @@ import torch
 
 from mixserve import LLM, SamplingParams
 from mixserve.errors import CheckpointError
-from mixserve.expert_shards.dispatch import InProcessTransport, RemoteExperts, ShardClient
+from mixserve.expert_shards.dispatch import InProcessTransport, ShardClient, remote_feed_forward
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
 from mixserve.model import load_model
-from mixserve.model.moe import MoeLayer
 from mixserve.replicas.engine import LLMEngine
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.tokenizer import Tokenizer
@@ -20,11 +19,7 @@ from mixserve.replicas.tokenizer import Tokenizer
 def disaggregated_llm_engine(folder, placement: Placement, **config) -> tuple[LLMEngine, ShardClient, list[ExpertShard]]:
     shards = [ExpertShard(s, folder, placement.experts_of(s)) for s in range(placement.n_shards)]
     client = ShardClient(placement, InProcessTransport(shards))
-
-    def remote_feed_forward(args, layer):
-        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, RemoteExperts(layer, args.num_experts, client))
-
-    model = load_model(folder, max_positions=256, feed_forward_factory=remote_feed_forward)
+    model = load_model(folder, max_positions=256, feed_forward_factory=remote_feed_forward(client))
     engine = LLMEngine(model, Tokenizer.from_checkpoint(folder), EngineConfig(max_model_len=256, **config))
     return engine, client, shards
 

@@ -9,10 +9,9 @@ import torch
 
 from mixserve import LLM, SamplingParams
 from mixserve.expert_shards.actors import RayActorTransport, start_shard_group
-from mixserve.expert_shards.dispatch import RemoteExperts, ShardClient, ShardUnavailableError
+from mixserve.expert_shards.dispatch import ShardClient, ShardUnavailableError, remote_feed_forward
 from mixserve.expert_shards.placement import Placement
 from mixserve.model import load_model
-from mixserve.model.moe import MoeLayer
 from mixserve.replicas.engine import LLMEngine
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.tokenizer import Tokenizer
@@ -20,11 +19,7 @@ from mixserve.replicas.tokenizer import Tokenizer
 
 def engine_over(group, folder, timeout_s=20.0):
     client = ShardClient(group.placement, RayActorTransport(group.actors, timeout_s=timeout_s))
-
-    def remote(args, layer):
-        return MoeLayer(args.dim, args.num_experts, args.num_experts_per_tok, RemoteExperts(layer, args.num_experts, client))
-
-    model = load_model(folder, max_positions=256, feed_forward_factory=remote)
+    model = load_model(folder, max_positions=256, feed_forward_factory=remote_feed_forward(client))
     return LLMEngine(model, Tokenizer.from_checkpoint(folder), EngineConfig(max_model_len=256, max_num_batched_tokens=48))
 
 
