@@ -32,6 +32,9 @@ class ExpertShardActor:
     def info(self) -> ShardInfo:
         return self._shard.info()
 
+    def add_expert(self, expert: int) -> ShardInfo:
+        return self._shard.add_expert(expert)
+
     def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
         return self._shard.compute(layer, experts, counts, torch.from_numpy(np.array(x))).numpy()
 

@@ -69,15 +69,22 @@ class ShardClient:
             self.tokens_sent.extend([0] * (placement.n_shards - len(self.tokens_sent)))
         self.placement = placement
 
-    def assign(self, placement: Placement, counts: list[int]) -> dict[int, int]:
-        """expert -> shard: largest groups first, each to its holder with the fewest tokens so far."""
+    def assign(self, placement: Placement, counts: list[int]) -> list[tuple[int, int, int]]:
+        """(expert, shard, rows) parts for one layer call. Each expert's group is split evenly
+        over the shards holding it (a replicated hot expert spreads its load at every step);
+        the remainder rows, and single-holder groups, go to the least-loaded holders first.
+        Largest groups are placed first; ties go to the shard with the fewest tokens so far."""
         load = [0] * placement.n_shards
-        choice = {}
+        parts = []
         for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
-            shard = min(placement.holders[expert], key=lambda s: (load[s], self.tokens_sent[s], s))
-            choice[expert] = shard
-            load[shard] += counts[expert]
-        return choice
+            holders = sorted(placement.holders[expert], key=lambda s: (load[s], self.tokens_sent[s], s))
+            base, extra = divmod(counts[expert], len(holders))
+            for i, shard in enumerate(holders):
+                rows = base + (i < extra)
+                if rows:
+                    parts.append((expert, shard, rows))
+                    load[shard] += rows
+        return parts
 
 
 class RemoteExperts(nn.Module):
@@ -93,19 +100,19 @@ class RemoteExperts(nn.Module):
         placement = self.client.placement  # read once: a swap mid-layer cannot split this call
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D], grouped by expert
-        segments = {e: (start, end) for e, start, end in routing.segments()}
-        shard_of = self.client.assign(placement, routing.counts)
+        cursor = {e: start for e, start, _ in routing.segments()}  # next unassigned row of each group
         for expert, n in enumerate(routing.counts):
             self.client.expert_tokens[expert] += n
 
         requests: dict[int, ShardRequest] = {}
         rows: dict[int, list[tuple[int, int]]] = {}
-        for expert, shard in shard_of.items():
+        for expert, shard, n in self.client.assign(placement, routing.counts):
             req = requests.setdefault(shard, ShardRequest([], [], x))
-            start, end = segments[expert]
+            start = cursor[expert]
+            cursor[expert] = start + n
             req.experts.append(expert)
-            req.counts.append(end - start)
-            rows.setdefault(shard, []).append((start, end))
+            req.counts.append(n)
+            rows.setdefault(shard, []).append((start, start + n))
         for shard, req in requests.items():
             req.x = torch.cat([grouped_x[s:e] for s, e in rows[shard]])
             self.client.tokens_sent[shard] += req.x.shape[0]

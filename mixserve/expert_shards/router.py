@@ -36,6 +36,7 @@ class ExpertRouter:
         num_experts: int,
         n_shards: int,
         experts_per_shard: int | None = None,
+        replicate_hottest: int = 0,
         dtype: str = "float32",
         cpus_per_shard: float = 1.0,
         gpus_per_shard: float = 0.0,
@@ -45,6 +46,7 @@ class ExpertRouter:
             checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
             gpus_per_shard=gpus_per_shard, num_threads=num_threads,
         )
+        self._replicate_hottest = replicate_hottest
         self._placement = Placement.contiguous(num_experts, n_shards, capacity=experts_per_shard)
         self._group: ShardGroup = start_shard_group(placement=self._placement, **self._start_args)
         self._lock = threading.Lock()
@@ -61,6 +63,24 @@ class ExpertRouter:
         """Tokens a replica sent since its last report."""
         with self._lock:
             self._reports.append((time.monotonic(), list(shard_tokens), list(expert_tokens)))
+
+    def rebalance(self) -> int:
+        """Replicates up to `replicate_hottest` hot experts (by the load window) into spare shard
+        slots. The shards load the new copies first; only then is the new placement published,
+        so no token is ever sent to a shard that cannot serve it. Returns the placement version."""
+        import ray
+
+        _, expert_tokens = self._window()
+        new = self._placement.replicate_hottest(expert_tokens, count=self._replicate_hottest)
+        added = [
+            (expert, shard)
+            for expert, holders in enumerate(new.holders)
+            for shard in holders
+            if shard not in self._placement.holders[expert]
+        ]
+        ray.get([self._group.actors[shard].add_expert.remote(expert) for expert, shard in added])
+        self._placement = new
+        return new.version
 
     # ---- what operators ask -----------------------------------------------------------------
     def status(self) -> RouterStatus:

@@ -59,17 +59,34 @@ class ExpertShard:
         bad = [e for e in experts if not 0 <= e < args.num_experts]
         if bad or not experts:
             raise ValueError(f"shard {shard_id}: experts {experts} must be a non-empty subset of 0..{args.num_experts - 1}")
-        with torch.device("meta"):
-            model = ShardExperts(args, len(experts))
-        model = model.to_empty(device="cpu").to(DTYPES[dtype]).requires_grad_(False)
-        load_weights(model, checkpoint, args, experts=list(experts))
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        pack_model(model)
+        self._args, self._checkpoint, self._dtype = args, checkpoint, DTYPES[dtype]
+        model, self.weight_bytes = self._load(list(experts))
         self.shard_id = shard_id
         self.experts = tuple(experts)
         self._local = {e: j for j, e in enumerate(experts)}
         self._layers = [block.feed_forward.experts for block in model.layers]
-        self._dtype = DTYPES[dtype]
+
+    def _load(self, experts: list[int]) -> tuple[ShardExperts, int]:
+        with torch.device("meta"):
+            model = ShardExperts(self._args, len(experts))
+        model = model.to_empty(device="cpu").to(self._dtype).requires_grad_(False)
+        load_weights(model, self._checkpoint, self._args, experts=experts)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return pack_model(model), weight_bytes
+
+    def add_expert(self, expert: int) -> ShardInfo:
+        """Loads one more expert (a replica of a hot one) for every layer; callers route tokens
+        to it only after this returns."""
+        if expert in self._local:
+            return self.info()
+        extra, extra_bytes = self._load([expert])
+        for layer, block in zip(self._layers, extra.layers):
+            layer.packed.append(block.feed_forward.experts.packed[0])
+            layer.num_experts += 1
+        self._local[expert] = len(self.experts)
+        self.experts = (*self.experts, expert)
+        self.weight_bytes += extra_bytes
+        return self.info()
 
     def info(self) -> ShardInfo:
         return ShardInfo(self.shard_id, self.experts, self.weight_bytes)

@@ -34,6 +34,7 @@ def build_app(config: DeploymentConfig) -> Application:
             args.num_experts,
             config.experts.shards,
             config.experts.experts_per_shard,
+            config.experts.replicate_hottest,
             engine.dtype,
             config.experts.cpus_per_shard,
             config.experts.gpus_per_shard,

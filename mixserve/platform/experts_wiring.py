@@ -31,6 +31,12 @@ async def _report_load(router, client: ShardClient) -> None:
     sent_shards, sent_experts = [0] * len(client.tokens_sent), [0] * len(client.expert_tokens)
     while True:
         await asyncio.sleep(REPORT_EVERY_S)
+        try:
+            placement = await router.placement.remote()
+            if placement.version != client.placement.version:
+                client.set_placement(placement)  # read once per layer call: the swap is atomic
+        except Exception:  # noqa: BLE001 - keep dispatching by the last known placement
+            log.warning("could not refresh the expert placement", exc_info=True)
         shards, experts = list(client.tokens_sent), list(client.expert_tokens)
         delta_s = [a - b for a, b in zip(shards, sent_shards)]
         delta_e = [a - b for a, b in zip(experts, sent_experts)]

@@ -71,3 +71,13 @@ def test_shard_refuses_experts_it_does_not_hold(mixtral_dir):
 def test_dense_models_have_no_experts_to_shard(mistral_dir):
     with pytest.raises(CheckpointError, match="dense"):
         ExpertShard(0, mistral_dir, [0])
+
+
+def test_a_shard_can_take_a_replica_of_another_expert_at_run_time(mixtral_dir):
+    shard = ExpertShard(0, mixtral_dir, [0, 1])
+    reference = ExpertShard(1, mixtral_dir, [6])
+    info = shard.add_expert(6)
+    assert info.experts == (0, 1, 6)
+    x = torch.randn(4, 64)
+    assert torch.equal(shard.compute(2, [6], [4], x), reference.compute(2, [6], [4], x))
+    assert torch.equal(shard.compute(2, [1], [4], x), ExpertShard(2, mixtral_dir, [1]).compute(2, [1], [4], x))
