@@ -71,6 +71,16 @@ class ShardGroup:
     placement: Placement
     actors: dict[int, ray.actor.ActorHandle]
     placement_group: PlacementGroup
+    start_args: dict
+
+    def start_actor(self, shard_id: int, experts: list[int]) -> ray.actor.ActorHandle:
+        """Starts shard `shard_id` in its own bundle of the group's placement group."""
+        args = self.start_args
+        return ray.remote(ExpertShardActor).options(
+            num_cpus=args["cpus_per_shard"],
+            num_gpus=args["gpus_per_shard"],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=shard_id),
+        ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"])
 
     def shutdown(self) -> None:
         for actor in self.actors.values():
@@ -86,7 +96,6 @@ def start_shard_group(
     gpus_per_shard: float = 0.0,
     num_threads: int | None = None,
     ready_timeout_s: float = 300.0,
-    name_prefix: str | None = None,
 ) -> ShardGroup:
     """Reserves one bundle per shard in a placement group (gang scheduling: all shards fit or
     none starts), then starts each shard's actor in its bundle and waits until all loaded."""
@@ -99,24 +108,15 @@ def start_shard_group(
         raise ShardUnavailableError(
             f"the cluster cannot fit {placement.n_shards} expert shards of {bundle} within {ready_timeout_s:.0f}s"
         ) from None
-    actor_cls = ray.remote(ExpertShardActor)
-    actors = {}
+    group = ShardGroup(placement, {}, pg, dict(
+        checkpoint=str(checkpoint), dtype=dtype, cpus_per_shard=cpus_per_shard,
+        gpus_per_shard=gpus_per_shard, num_threads=num_threads,
+    ))
     try:
         for sid in range(placement.n_shards):
-            options = dict(
-                num_cpus=cpus_per_shard,
-                num_gpus=gpus_per_shard,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=sid),
-            )
-            if name_prefix:
-                options["name"] = f"{name_prefix}-shard-{sid}"
-            actors[sid] = actor_cls.options(**options).remote(
-                sid, str(checkpoint), placement.experts_of(sid), dtype, num_threads
-            )
-        ray.get([a.info.remote() for a in actors.values()], timeout=ready_timeout_s)
+            group.actors[sid] = group.start_actor(sid, placement.experts_of(sid))
+        ray.get([a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s)
     except Exception:
-        for actor in actors.values():
-            ray.kill(actor, no_restart=True)
-        remove_placement_group(pg)
+        group.shutdown()
         raise
-    return ShardGroup(placement, actors, pg)
+    return group

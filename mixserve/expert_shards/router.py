@@ -9,14 +9,17 @@ publishes it, with the balance figure (max/mean tokens per shard). No token pass
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group
 from mixserve.expert_shards.placement import Placement
 
 LOAD_WINDOW_S = 60.0
+HEAL_EVERY_S = 2.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +54,8 @@ class ExpertRouter:
         self._group: ShardGroup = start_shard_group(placement=self._placement, **self._start_args)
         self._lock = threading.Lock()
         self._reports: collections.deque[tuple[float, list[int], list[int]]] = collections.deque()
+        self._healer = threading.Thread(target=self._heal_forever, name="shard-healer", daemon=True)
+        self._healer.start()
 
     # ---- what replicas ask ------------------------------------------------------------------
     def placement(self) -> Placement:
@@ -108,6 +113,30 @@ class ExpertRouter:
                 for i, n in enumerate(e_tokens[: len(experts)]):
                     experts[i] += n
         return shards, experts
+
+    def _heal_forever(self) -> None:
+        while True:
+            time.sleep(HEAL_EVERY_S)
+            try:
+                self.heal()
+            except Exception:  # noqa: BLE001 - keep watching; the next round retries
+                log.exception("could not restore a dead expert shard")
+
+    def heal(self) -> list[int]:
+        """Restarts every dead shard in its own bundle with the experts the placement gives it,
+        then publishes the placement under a new version so replicas refresh their handles."""
+        import ray
+
+        dead = [sid for sid, alive in self._alive().items() if not alive]
+        if not dead:
+            return []
+        for sid in dead:
+            actor = self._group.start_actor(sid, self._placement.experts_of(sid))
+            ray.get(actor.info.remote(), timeout=300)
+            self._group.actors[sid] = actor
+        self._placement = replace(self._placement, version=self._placement.version + 1)
+        log.warning("restored expert shards %s (placement version %d)", dead, self._placement.version)
+        return dead
 
     def _alive(self) -> dict[int, bool]:
         import ray

@@ -34,6 +34,8 @@ async def _report_load(router, client: ShardClient) -> None:
         try:
             placement = await router.placement.remote()
             if placement.version != client.placement.version:
+                # A new version may carry restarted shards: take their handles first.
+                client.transport.actors = await router.shard_handles.remote()
                 client.set_placement(placement)  # read once per layer call: the swap is atomic
         except Exception:  # noqa: BLE001 - keep dispatching by the last known placement
             log.warning("could not refresh the expert placement", exc_info=True)
