@@ -91,36 +91,63 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(ns: argparse.Namespace) -> int:
+def _connect(address: str):
+    """Joins the running Ray cluster and returns mixserve's Serve application status."""
     import ray
     from ray import serve
 
     from mixserve.platform.app import APP_NAME
 
     try:
-        ray.init(address=ns.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as exc:
-        raise _Usage(f"no Ray cluster at {ns.address!r}: {exc}") from None
+        raise _Usage(f"no Ray cluster at {address!r}: {exc}") from None
     apps = serve.status().applications
     if APP_NAME not in apps:
         raise _Usage("mixserve is not running on this Ray cluster (start it with `mixserve serve CONFIG`)")
-    report: dict = {"status": str(apps[APP_NAME].status), "deployments": {}}
-    for name, dep in apps[APP_NAME].deployments.items():
+    return apps[APP_NAME]
+
+
+def _experts_report(router) -> dict:
+    status = router.status.remote().result(timeout_s=30)
+    return {
+        "placement_version": status.placement_version,
+        "shards": status.shards,
+        "alive": status.alive,
+        "tokens_per_shard": status.shard_tokens,
+        "tokens_per_expert": status.expert_tokens,
+        "balance_max_over_mean": round(status.balance, 3),
+    }
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from ray import serve
+
+    from mixserve.platform.app import APP_NAME
+
+    app = _connect(ns.address)
+    report: dict = {"status": str(app.status), "deployments": {}}
+    for name, dep in app.deployments.items():
         report["deployments"][name] = {"status": str(dep.status), "replicas": dict(dep.replica_states)}
     replica = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME)
     report["attention"] = replica.stats.remote().result(timeout_s=30)
-    if "ExpertRouter" in apps[APP_NAME].deployments:
-        router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
-        status = router.status.remote().result(timeout_s=30)
-        report["experts"] = {
-            "placement_version": status.placement_version,
-            "shards": status.shards,
-            "alive": status.alive,
-            "tokens_per_shard": status.shard_tokens,
-            "tokens_per_expert": status.expert_tokens,
-            "balance_max_over_mean": round(status.balance, 3),
-        }
+    if "ExpertRouter" in app.deployments:
+        report["experts"] = _experts_report(serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME))
     print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _cmd_rebalance(ns: argparse.Namespace) -> int:
+    from ray import serve
+
+    from mixserve.platform.app import APP_NAME
+
+    app = _connect(ns.address)
+    if "ExpertRouter" not in app.deployments:
+        raise _Usage("this deployment keeps its experts in-process (experts.shards: 0): nothing to rebalance")
+    router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
+    router.rebalance.remote().result(timeout_s=600)
+    print(json.dumps(_experts_report(router), indent=2, default=str))
     return 0
 
 
@@ -166,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="replicas, shards, placement and load of a running deployment")
     st.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
     st.set_defaults(func=_cmd_status)
+
+    rb = sub.add_parser("rebalance", help="replicate the hottest experts into spare shard slots now")
+    rb.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
+    rb.set_defaults(func=_cmd_rebalance)
     return parser
 
 
