@@ -64,9 +64,8 @@ class ShardClient:
         self.expert_tokens = [0] * placement.num_experts  # cumulative per expert
 
     def set_placement(self, placement: Placement) -> None:
-        """Takes effect from the next layer call; calls in flight keep the table they read."""
-        if placement.n_shards != len(self.tokens_sent):
-            self.tokens_sent.extend([0] * (placement.n_shards - len(self.tokens_sent)))
+        """Takes effect from the next layer call; calls in flight keep the table they read.
+        (Placements only ever add copies of experts: the set of shards stays the same.)"""
         self.placement = placement
 
     def assign(self, placement: Placement, counts: list[int]) -> list[tuple[int, int, int]]:
@@ -104,24 +103,27 @@ class RemoteExperts(nn.Module):
         for expert, n in enumerate(routing.counts):
             self.client.expert_tokens[expert] += n
 
-        requests: dict[int, ShardRequest] = {}
-        rows: dict[int, list[tuple[int, int]]] = {}
+        parts: dict[int, list[tuple[int, int, int]]] = {}  # shard -> (expert, start, end) rows
         for expert, shard, n in self.client.assign(placement, routing.counts):
-            req = requests.setdefault(shard, ShardRequest([], [], x))
             start = cursor[expert]
             cursor[expert] = start + n
-            req.experts.append(expert)
-            req.counts.append(n)
-            rows.setdefault(shard, []).append((start, start + n))
+            parts.setdefault(shard, []).append((expert, start, start + n))
+        requests = {
+            shard: ShardRequest(
+                experts=[e for e, _, _ in shard_parts],
+                counts=[end - start for _, start, end in shard_parts],
+                x=torch.cat([grouped_x[start:end] for _, start, end in shard_parts]),
+            )
+            for shard, shard_parts in parts.items()
+        }
         for shard, req in requests.items():
-            req.x = torch.cat([grouped_x[s:e] for s, e in rows[shard]])
             self.client.tokens_sent[shard] += req.x.shape[0]
 
         results = self.client.transport.run(self.layer, requests)
         outputs = torch.empty_like(grouped_x)
         for shard, out in results.items():
             offset = 0
-            for start, end in rows[shard]:
+            for _, start, end in parts[shard]:
                 outputs[start:end] = out[offset : offset + end - start]
                 offset += end - start
         return combine(outputs, routing, x.shape[0])

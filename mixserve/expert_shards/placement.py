@@ -11,6 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+def max_over_mean(loads: Sequence[float]) -> float:
+    """The balance figure: max / mean load, 1.0 when even (and when there is no load at all)."""
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return max(loads) / mean if mean else 1.0
+
+
 class PlacementError(ValueError):
     """A placement request that cannot be satisfied (no capacity, unknown expert or shard)."""
 
@@ -71,10 +77,8 @@ class Placement:
         return loads
 
     def balance(self, expert_tokens: Sequence[float]) -> float:
-        """max / mean tokens per shard: 1.0 is perfectly even (and for no load at all)."""
-        loads = self.shard_loads(expert_tokens)
-        mean = sum(loads) / len(loads)
-        return max(loads) / mean if mean else 1.0
+        """max / mean tokens per shard under this placement."""
+        return max_over_mean(self.shard_loads(expert_tokens))
 
     def replicate_hottest(self, expert_tokens: Sequence[float], count: int = 1) -> Placement:
         """Copies the hottest experts (by tokens per holder) into the least-loaded shards

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group
-from mixserve.expert_shards.placement import Placement
+from mixserve.expert_shards.placement import Placement, max_over_mean
 
 LOAD_WINDOW_S = 60.0
 HEAL_EVERY_S = 2.0
@@ -96,7 +96,7 @@ class ExpertRouter:
             shards={s: placement.experts_of(s) for s in range(placement.n_shards)},
             shard_tokens=shard_tokens,
             expert_tokens=expert_tokens,
-            balance=_balance(shard_tokens),
+            balance=max_over_mean(shard_tokens),
             alive=self._alive(),
         )
 
@@ -155,7 +155,3 @@ class ExpertRouter:
         if group is not None:
             group.shutdown()
 
-
-def _balance(loads: list[float]) -> float:
-    mean = sum(loads) / len(loads) if loads else 0.0
-    return max(loads) / mean if mean else 1.0

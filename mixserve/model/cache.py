@@ -64,10 +64,6 @@ class StepMetadata:
     decode_mask: torch.Tensor  # [Bd, 1, 1, L] bool
     prefills: list[PrefillMeta]
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.positions.shape[0])
-
 
 def build_step_metadata(chunks: list[SequenceChunk], window: int, device: torch.device | str = "cpu") -> StepMetadata:
     """Derives the step's tensors. Single-token chunks must come first: they take the batched

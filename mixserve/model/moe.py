@@ -46,10 +46,6 @@ class Routing:
     weights: torch.Tensor  # [A]: gate weight of each assignment, same order
     counts: list[int]  # [E]: assignments per expert; expert e owns a contiguous run
 
-    @property
-    def active_experts(self) -> list[int]:
-        return [e for e, n in enumerate(self.counts) if n]
-
     def segments(self):
         """Yields (expert, start, end) over the grouped assignments of each active expert."""
         start = 0

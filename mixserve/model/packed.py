@@ -76,7 +76,6 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = PackedWeight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
