@@ -7,7 +7,7 @@ vs 2.7 ms for 8x1024 float32 each way on this kind of machine).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +16,30 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from mixserve.expert_shards.channel import ShardServer
 from mixserve.expert_shards.dispatch import ShardRequest, ShardUnavailableError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
 
 
 class ExpertShardActor:
-    """The Ray-facing face of an ExpertShard (numpy in, numpy out)."""
+    """The Ray-facing face of an ExpertShard. Ray manages its life and control calls; token
+    groups arrive on its ZeroMQ channel (channel.py), or as numpy through `compute`."""
 
     def __init__(self, shard_id: int, checkpoint: str, experts: list[int], dtype: str, num_threads: int | None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self._shard = ExpertShard(shard_id, checkpoint, experts, dtype)
+        # add_expert publishes a new expert only after its weights are in place, so the
+        # channel's thread may compute while Ray's thread loads.
+        self._server = ShardServer(self._shard.compute, host=ray.util.get_node_ip_address())
 
     def info(self) -> ShardInfo:
-        return self._shard.info()
+        return replace(self._shard.info(), address=self._server.address)
 
     def add_expert(self, expert: int) -> ShardInfo:
-        return self._shard.add_expert(expert)
+        self._shard.add_expert(expert)
+        return self.info()
 
     def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
         return self._shard.compute(layer, experts, counts, torch.from_numpy(np.array(x))).numpy()
@@ -47,11 +53,15 @@ class RayActorTransport:
         self.actors = actors
         self.timeout_s = timeout_s
 
-    def run(self, layer: int, requests: dict[int, ShardRequest]) -> dict[int, torch.Tensor]:
+    def submit(self, layer: int, requests: dict[int, ShardRequest]) -> tuple[int, dict]:
         refs = {
             sid: self.actors[sid].compute.remote(layer, r.experts, r.counts, r.x.contiguous().numpy())
             for sid, r in requests.items()
         }
+        return layer, refs
+
+    def collect(self, pending: tuple[int, dict]) -> dict[int, torch.Tensor]:
+        layer, refs = pending
         try:
             outs = ray.get(list(refs.values()), timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
@@ -72,6 +82,7 @@ class ShardGroup:
     actors: dict[int, ray.actor.ActorHandle]
     placement_group: PlacementGroup
     start_args: dict
+    infos: dict[int, ShardInfo] = field(default_factory=dict)  # as each shard reported at start
 
     def start_actor(self, shard_id: int, experts: list[int]) -> ray.actor.ActorHandle:
         """Starts shard `shard_id` in its own bundle of the group's placement group."""
@@ -115,7 +126,8 @@ def start_shard_group(
     try:
         for sid in range(placement.n_shards):
             group.actors[sid] = group.start_actor(sid, placement.experts_of(sid))
-        ray.get([a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s)
+        infos = ray.get([a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s)
+        group.infos = dict(zip(group.actors, infos))
     except Exception:
         group.shutdown()
         raise

@@ -11,7 +11,7 @@ through it. A placement swap is atomic: a step reads `self.placement` once per l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,21 +36,30 @@ class ShardRequest:
 
 
 class Transport(Protocol):
-    """Moves one layer's groups to shards and back. Implementations: in-process (tests, and
-    the baseline for measuring), Ray actor calls; a GPU build adds NCCL behind the same call."""
+    """Moves one layer's groups to shards and back. `submit` returns as soon as the requests
+    are on their way (the caller may compute meanwhile: ping-pong micro-batches), `collect`
+    waits for the answers. Implementations: in-process (tests, and the baseline for
+    measuring), ZeroMQ channels (the default, see channel.py) and Ray actor calls; a GPU build
+    adds NCCL behind the same calls."""
 
-    def run(self, layer: int, requests: dict[int, ShardRequest]) -> dict[int, torch.Tensor]:
+    def submit(self, layer: int, requests: dict[int, ShardRequest]) -> object:
+        ...
+
+    def collect(self, pending: object) -> dict[int, torch.Tensor]:
         ...
 
 
 class InProcessTransport:
-    """Shards living in this process: no serialisation, no hop."""
+    """Shards living in this process: no serialisation, no hop (computes at submit)."""
 
     def __init__(self, shards: Sequence[ExpertShard]):
         self.shards = {s.shard_id: s for s in shards}
 
-    def run(self, layer, requests):
+    def submit(self, layer, requests):
         return {sid: self.shards[sid].compute(layer, r.experts, r.counts, r.x) for sid, r in requests.items()}
+
+    def collect(self, pending):
+        return pending
 
 
 class ShardClient:
@@ -96,6 +105,10 @@ class RemoteExperts(nn.Module):
         self.client = client
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.start(x, expert_ids, weights)()
+
+    def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Sends this layer's groups to the shards; the returned call waits and combines."""
         placement = self.client.placement  # read once: a swap mid-layer cannot split this call
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D], grouped by expert
@@ -119,14 +132,20 @@ class RemoteExperts(nn.Module):
         for shard, req in requests.items():
             self.client.tokens_sent[shard] += req.x.shape[0]
 
-        results = self.client.transport.run(self.layer, requests)
-        outputs = torch.empty_like(grouped_x)
-        for shard, out in results.items():
-            offset = 0
-            for _, start, end in parts[shard]:
-                outputs[start:end] = out[offset : offset + end - start]
-                offset += end - start
-        return combine(outputs, routing, x.shape[0])
+        transport = self.client.transport
+        pending = transport.submit(self.layer, requests)
+
+        def finish() -> torch.Tensor:
+            results = transport.collect(pending)
+            outputs = torch.empty_like(grouped_x)
+            for shard, out in results.items():
+                offset = 0
+                for _, start, end in parts[shard]:
+                    outputs[start:end] = out[offset : offset + end - start]
+                    offset += end - start
+            return combine(outputs, routing, x.shape[0])
+
+        return finish
 
 
 def remote_feed_forward(client: ShardClient):

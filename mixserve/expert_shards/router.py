@@ -1,7 +1,7 @@
 """The expert router: a Ray Serve deployment that owns placement, shard health and load.
 
 It starts the shard group (gang-placed actors) and hands attention replicas what they need to
-dispatch directly: the current placement and the shards' actor handles. Replicas report the
+dispatch directly: the current placement and the shards' channel addresses (and actor handles). Replicas report the
 tokens they sent per shard and per expert; the router keeps a sliding window of that load and
 publishes it, with the balance figure (max/mean tokens per shard). No token passes through it.
 """
@@ -52,6 +52,7 @@ class ExpertRouter:
         self._replicate_hottest = replicate_hottest
         self._placement = Placement.contiguous(num_experts, n_shards, capacity=experts_per_shard)
         self._group: ShardGroup = start_shard_group(placement=self._placement, **self._start_args)
+        self._addresses = {sid: info.address for sid, info in self._group.infos.items()}
         self._lock = threading.Lock()
         self._reports: collections.deque[tuple[float, list[int], list[int]]] = collections.deque()
         self._healer = threading.Thread(target=self._heal_forever, name="shard-healer", daemon=True)
@@ -63,6 +64,10 @@ class ExpertRouter:
 
     def shard_handles(self) -> dict:
         return dict(self._group.actors)
+
+    def shard_addresses(self) -> dict[int, str]:
+        """Where each shard's data channel listens (replicas connect to these directly)."""
+        return dict(self._addresses)
 
     def report_load(self, shard_tokens: list[int], expert_tokens: list[int]) -> None:
         """Tokens a replica sent since its last report."""
@@ -132,8 +137,9 @@ class ExpertRouter:
             return []
         for sid in dead:
             actor = self._group.start_actor(sid, self._placement.experts_of(sid))
-            ray.get(actor.info.remote(), timeout=300)
+            info = ray.get(actor.info.remote(), timeout=300)
             self._group.actors[sid] = actor
+            self._addresses[sid] = info.address
         self._placement = replace(self._placement, version=self._placement.version + 1)
         log.warning("restored expert shards %s (placement version %d)", dead, self._placement.version)
         return dead

@@ -22,7 +22,6 @@ from mixserve.model.moe import LocalExperts
 from mixserve.model.packed import pack_model
 
 
-
 class _FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, n_experts: int):
         super().__init__()
@@ -49,6 +48,7 @@ class ShardInfo:
     shard_id: int
     experts: tuple[int, ...]
     weight_bytes: int
+    address: str | None = None  # where its data channel listens (None in-process)
 
 
 class ExpertShard:

@@ -40,7 +40,9 @@ def build_app(config: DeploymentConfig) -> Application:
             config.experts.gpus_per_shard,
             engine.num_threads,
         )
-        connector = functools.partial(connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s)
+        connector = functools.partial(
+            connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport
+        )
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",

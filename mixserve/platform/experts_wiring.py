@@ -1,7 +1,7 @@
 """Connecting an attention replica to the expert side: the one place that knows both.
 
 `connect_remote_experts` runs inside each attention replica (awaited by its constructor): it
-asks the router for the placement and the shards' actor handles, builds the ShardClient the
+asks the router for the placement and the shards' channel addresses (or actor handles), builds the ShardClient the
 replica dispatches through, starts reporting the replica's load to the router, and returns the
 feed-forward factory the replica's model is built with.
 """
@@ -12,16 +12,21 @@ import asyncio
 import logging
 
 from mixserve.expert_shards.actors import RayActorTransport
+from mixserve.expert_shards.channel import ZmqTransport
 from mixserve.expert_shards.dispatch import ShardClient, remote_feed_forward
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
 
 
-async def connect_remote_experts(router, timeout_s: float = 30.0):
+async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str = "zmq"):
     placement = await router.placement.remote()
-    handles = await router.shard_handles.remote()
-    client = ShardClient(placement, RayActorTransport(handles, timeout_s=timeout_s))
+    if transport == "zmq":
+        addresses = await router.shard_addresses.remote()
+        channel = await asyncio.to_thread(ZmqTransport, addresses, timeout_s=timeout_s)
+    else:
+        channel = RayActorTransport(await router.shard_handles.remote(), timeout_s=timeout_s)
+    client = ShardClient(placement, channel)
     asyncio.get_running_loop().create_task(_report_load(router, client))
     return remote_feed_forward(client)
 
@@ -34,8 +39,11 @@ async def _report_load(router, client: ShardClient) -> None:
         try:
             placement = await router.placement.remote()
             if placement.version != client.placement.version:
-                # A new version may carry restarted shards: take their handles first.
-                client.transport.actors = await router.shard_handles.remote()
+                # A new version may carry restarted shards: take their addresses first.
+                if isinstance(client.transport, ZmqTransport):
+                    client.transport.set_addresses(await router.shard_addresses.remote())
+                else:
+                    client.transport.actors = await router.shard_handles.remote()
                 client.set_placement(placement)  # read once per layer call: the swap is atomic
         except Exception:  # noqa: BLE001 - keep dispatching by the last known placement
             log.warning("could not refresh the expert placement", exc_info=True)
