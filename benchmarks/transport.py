@@ -10,6 +10,7 @@ teardown cannot stall the run), medians and p99 over many layers:
 - cgraph: a Ray Compiled Graph over the same two actors (shared-memory channels)
 - gloo: torch.distributed gloo point-to-point inside a placement group (replica + 2 shards;
   a 2-int size header then the payload, since group sizes change every layer)
+- zmq: mixserve's own channel (mixserve/expert_shards/channel.py) between the same actors
 
 Run:
     .venv/bin/python benchmarks/transport.py            # D=1024, rows per shard 1, 8, 32
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import format_table, write_results  # noqa: E402
 
-TRANSPORTS = ("actor", "actor-torch", "cgraph", "gloo")
+TRANSPORTS = ("actor", "actor-torch", "cgraph", "gloo", "zmq")
 N_SHARDS = 2
 
 
@@ -67,6 +68,36 @@ def measure_actor(rows: int, dim: int, iters: int, as_torch: bool = False) -> di
             samples.append(time.perf_counter() - start)
     for a in actors:
         ray.kill(a)
+    return summarize(samples)
+
+
+class ZmqEcho:
+    def __init__(self):
+        from mixserve.expert_shards.channel import ShardServer
+
+        self.server = ShardServer(lambda layer, experts, counts, x: x)
+
+    def address(self) -> str:
+        return self.server.address
+
+
+def measure_zmq(rows: int, dim: int, iters: int) -> dict[str, float]:
+    import ray
+    import torch
+
+    from mixserve.expert_shards.channel import ZmqTransport
+    from mixserve.expert_shards.dispatch import ShardRequest
+
+    actors = [ray.remote(ZmqEcho).options(num_cpus=0).remote() for _ in range(N_SHARDS)]
+    transport = ZmqTransport(dict(enumerate(ray.get([a.address.remote() for a in actors]))))
+    requests = {i: ShardRequest([0], [rows], torch.randn(rows, dim)) for i in range(N_SHARDS)}
+    samples = []
+    for i in range(iters + 20):
+        start = time.perf_counter()
+        transport.collect(transport.submit(0, requests))
+        if i >= 20:
+            samples.append(time.perf_counter() - start)
+    transport.close()
     return summarize(samples)
 
 
@@ -177,7 +208,7 @@ def run_one(transport: str, rows_list: list[int], dim: int, iters: int) -> None:
             result = measure_cgraph(rows, dim, iters)
             print(json.dumps({"rows": rows, **result}), flush=True)
             return  # one compiled graph per process: a second compile after teardown is not worth the risk
-        measure = {"actor": measure_actor, "actor-torch": lambda r, d, n: measure_actor(r, d, n, True), "gloo": measure_gloo}[transport]
+        measure = {"actor": measure_actor, "actor-torch": lambda r, d, n: measure_actor(r, d, n, True), "gloo": measure_gloo, "zmq": measure_zmq}[transport]
         print(json.dumps({"rows": rows, **measure(rows, dim, iters)}), flush=True)
 
 

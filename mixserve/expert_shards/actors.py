@@ -7,6 +7,7 @@ vs 2.7 ms for 8x1024 float32 each way on this kind of machine).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mixserve.expert_shards.channel import ShardServer
-from mixserve.expert_shards.dispatch import ShardRequest, ShardUnavailableError
+from mixserve.expert_shards.dispatch import ShardReply, ShardRequest, ShardUnavailableError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
 
@@ -41,8 +42,11 @@ class ExpertShardActor:
         self._shard.add_expert(expert)
         return self.info()
 
-    def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> np.ndarray:
-        return self._shard.compute(layer, experts, counts, torch.from_numpy(np.array(x))).numpy()
+    def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> tuple[np.ndarray, float]:
+        """(outputs, seconds spent computing them)."""
+        start = time.perf_counter()
+        out = self._shard.compute(layer, experts, counts, torch.from_numpy(np.array(x))).numpy()
+        return out, time.perf_counter() - start
 
 
 class RayActorTransport:
@@ -60,7 +64,7 @@ class RayActorTransport:
         }
         return layer, refs
 
-    def collect(self, pending: tuple[int, dict]) -> dict[int, torch.Tensor]:
+    def collect(self, pending: tuple[int, dict]) -> dict[int, ShardReply]:
         layer, refs = pending
         try:
             outs = ray.get(list(refs.values()), timeout=self.timeout_s)
@@ -71,7 +75,7 @@ class RayActorTransport:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise ShardUnavailableError(f"expert shard failed during layer {layer}: {type(exc).__name__}") from exc
         # Ray hands back read-only views of its object store; a copy of [A, D] is cheap next to the hop.
-        return {sid: torch.from_numpy(np.array(out)) for sid, out in zip(refs, outs)}
+        return {sid: ShardReply(torch.from_numpy(np.array(out)), seconds) for sid, (out, seconds) in zip(refs, outs)}
 
 
 @dataclass

@@ -14,7 +14,7 @@ NCCL.)
 
 Wire format, one message each way per shard per layer:
   request: [header JSON {id, layer, experts, counts, rows, dim, dtype}, payload rows*dim]
-  reply:   [header JSON {id, rows, dim, dtype} or {id, error}, payload (absent on error)]
+  reply:   [header JSON {id, rows, dim, dtype, compute_s} or {id, error}, payload (absent on error)]
 The channel is inside the cluster's network, like Ray's own ports: bind it to the node's
 cluster address, never to a public interface.
 """
@@ -33,7 +33,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mixserve.expert_shards.dispatch import ShardRequest, ShardUnavailableError
+from mixserve.expert_shards.dispatch import ShardReply, ShardRequest, ShardUnavailableError
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,9 +84,12 @@ class ShardServer:
             header = json.loads(sock.recv())
             try:
                 x = _receive_tensor(sock, header["rows"], header["dim"], header["dtype"])
-                out = self._compute(header["layer"], header["experts"], header["counts"], x)
-                reply = {"id": header["id"], "rows": out.shape[0], "dim": out.shape[1], "dtype": header["dtype"]}
-                out = out.to(DTYPES[header["dtype"]])
+                start = time.perf_counter()
+                out = self._compute(header["layer"], header["experts"], header["counts"], x).to(DTYPES[header["dtype"]])
+                reply = {
+                    "id": header["id"], "rows": out.shape[0], "dim": out.shape[1], "dtype": header["dtype"],
+                    "compute_s": time.perf_counter() - start,
+                }
                 sock.send_multipart([identity, json.dumps(reply).encode(), _as_bytes(out)], copy=False)
             except Exception as exc:  # noqa: BLE001 - the replica gets the error; the shard keeps serving
                 while sock.getsockopt(zmq.RCVMORE):
@@ -117,7 +120,7 @@ class ZmqTransport:
         self.connect_timeout_s = connect_timeout_s
         self._ids = itertools.count()
         self._peers: dict[int, _Peer] = {}
-        self._stash: dict[int, torch.Tensor | str] = {}  # replies read while waiting for others
+        self._stash: dict[int, ShardReply | str] = {}  # replies read while waiting for others
         self._wanted: dict[int, str] | None = None
         self._lock = threading.Lock()
         self._apply_addresses(addresses)
@@ -158,9 +161,9 @@ class ZmqTransport:
             pending[shard] = header["id"]
         return pending
 
-    def collect(self, pending: dict[int, int]) -> dict[int, torch.Tensor]:
+    def collect(self, pending: dict[int, int]) -> dict[int, ShardReply]:
         deadline = time.monotonic() + self.timeout_s
-        results: dict[int, torch.Tensor] = {}
+        results: dict[int, ShardReply] = {}
         try:
             while True:
                 for shard, req_id in pending.items():
@@ -205,7 +208,8 @@ class ZmqTransport:
             if "error" in header:
                 self._stash[header["id"]] = header["error"]
             else:
-                self._stash[header["id"]] = _receive_tensor(sock, header["rows"], header["dim"], header["dtype"])
+                out = _receive_tensor(sock, header["rows"], header["dim"], header["dtype"])
+                self._stash[header["id"]] = ShardReply(out, header["compute_s"])
 
     def _drain_events(self, shard: int, peer: _Peer) -> None:
         while peer.monitor.poll(0):

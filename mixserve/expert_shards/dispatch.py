@@ -11,6 +11,7 @@ through it. A placement swap is atomic: a step reads `self.placement` once per l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,27 @@ class ShardRequest:
     x: torch.Tensor  # [A_shard, D]
 
 
+@dataclass
+class ShardReply:
+    output: torch.Tensor  # [A_shard, D] unweighted expert outputs, in the request's row order
+    compute_s: float  # the shard's own compute time for this request
+
+
+@dataclass
+class DispatchStats:
+    """Where the time of this replica's remote MoE layers goes, summed over layer calls."""
+
+    calls: int = 0
+    route_s: float = 0.0  # group by expert, split over holders, pack one buffer per shard
+    send_s: float = 0.0  # hand the buffers to the transport
+    wait_s: float = 0.0  # blocked until every answer is in (what ping-pong hides)
+    expert_s: float = 0.0  # the slowest shard's own compute per call, as the shards report it
+    combine_s: float = 0.0  # unpack and weighted scatter-add back to tokens
+
+    def reset(self) -> None:
+        self.__init__()
+
+
 class Transport(Protocol):
     """Moves one layer's groups to shards and back. `submit` returns as soon as the requests
     are on their way (the caller may compute meanwhile: ping-pong micro-batches), `collect`
@@ -45,7 +67,7 @@ class Transport(Protocol):
     def submit(self, layer: int, requests: dict[int, ShardRequest]) -> object:
         ...
 
-    def collect(self, pending: object) -> dict[int, torch.Tensor]:
+    def collect(self, pending: object) -> dict[int, ShardReply]:
         ...
 
 
@@ -56,7 +78,12 @@ class InProcessTransport:
         self.shards = {s.shard_id: s for s in shards}
 
     def submit(self, layer, requests):
-        return {sid: self.shards[sid].compute(layer, r.experts, r.counts, r.x) for sid, r in requests.items()}
+        replies = {}
+        for sid, r in requests.items():
+            start = time.perf_counter()
+            out = self.shards[sid].compute(layer, r.experts, r.counts, r.x)
+            replies[sid] = ShardReply(out, time.perf_counter() - start)
+        return replies
 
     def collect(self, pending):
         return pending
@@ -71,6 +98,7 @@ class ShardClient:
         self.transport = transport
         self.tokens_sent = [0] * placement.n_shards  # cumulative per shard, reported to the router
         self.expert_tokens = [0] * placement.num_experts  # cumulative per expert
+        self.stats = DispatchStats()
 
     def set_placement(self, placement: Placement) -> None:
         """Takes effect from the next layer call; calls in flight keep the table they read.
@@ -109,6 +137,7 @@ class RemoteExperts(nn.Module):
 
     def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Sends this layer's groups to the shards; the returned call waits and combines."""
+        began = time.perf_counter()
         placement = self.client.placement  # read once: a swap mid-layer cannot split this call
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D], grouped by expert
@@ -132,18 +161,29 @@ class RemoteExperts(nn.Module):
         for shard, req in requests.items():
             self.client.tokens_sent[shard] += req.x.shape[0]
 
-        transport = self.client.transport
+        transport, stats = self.client.transport, self.client.stats
+        routed = time.perf_counter()
         pending = transport.submit(self.layer, requests)
+        sent = time.perf_counter()
+        stats.calls += 1
+        stats.route_s += routed - began
+        stats.send_s += sent - routed
 
         def finish() -> torch.Tensor:
-            results = transport.collect(pending)
+            waited = time.perf_counter()
+            replies = transport.collect(pending)
+            answered = time.perf_counter()
             outputs = torch.empty_like(grouped_x)
-            for shard, out in results.items():
+            for shard, reply in replies.items():
                 offset = 0
                 for _, start, end in parts[shard]:
-                    outputs[start:end] = out[offset : offset + end - start]
+                    outputs[start:end] = reply.output[offset : offset + end - start]
                     offset += end - start
-            return combine(outputs, routing, x.shape[0])
+            result = combine(outputs, routing, x.shape[0])
+            stats.wait_s += answered - waited
+            stats.expert_s += max((r.compute_s for r in replies.values()), default=0.0)
+            stats.combine_s += time.perf_counter() - answered
+            return result
 
         return finish
 

@@ -11,6 +11,7 @@ in the disaggregated topology the same seam calls expert shards in other process
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,5 +139,23 @@ class MoeLayer(nn.Module):
         self.experts = experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
+        return self.start(x)()
+
+    def start(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Gates x [T, D] and starts the experts; the returned call gives the [T, D] output.
+        Remote experts return before the shards finish (ping-pong overlaps that wait with
+        another micro-batch's attention); local ones compute here."""
         weights, expert_ids = top_k_gating(self.gate(x), self.k)
-        return self.experts(x, expert_ids, weights.to(x.dtype))
+        start = getattr(self.experts, "start", None)
+        if start is not None:
+            return start(x, expert_ids, weights.to(x.dtype))
+        y = self.experts(x, expert_ids, weights.to(x.dtype))
+        return lambda: y
+
+
+def start_feed_forward(feed_forward: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Starts any feed-forward (MoE or dense) the way MoeLayer.start does."""
+    if isinstance(feed_forward, MoeLayer):
+        return feed_forward.start(x)
+    y = feed_forward(x)
+    return lambda: y

@@ -5,6 +5,9 @@ Shape legend: T = tokens in the step, D = model dim, V = vocab, N = rows that ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -12,7 +15,7 @@ from mixserve.model.args import ModelArgs
 from mixserve.model.attention_backends import AttentionBackend, SdpaBackend
 from mixserve.model.cache import RollingKVCache, StepMetadata
 from mixserve.model.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
-from mixserve.model.moe import LocalExperts, MoeLayer
+from mixserve.model.moe import LocalExperts, MoeLayer, start_feed_forward
 
 
 class TransformerBlock(nn.Module):
@@ -25,8 +28,22 @@ class TransformerBlock(nn.Module):
         self.feed_forward = feed_forward
 
     def forward(self, x, rope_tables, meta, cache, backend):
+        return self.start(x, rope_tables, meta, cache, backend)()
+
+    def start(self, x, rope_tables, meta, cache, backend) -> Callable[[], torch.Tensor]:
+        """Attention now; the feed-forward started. The returned call gives the block's output."""
         h = x + self.attention(self.attention_norm(x), self.layer, rope_tables, meta, cache, backend)
-        return h + self.feed_forward(self.ffn_norm(h))
+        feed_forward = start_feed_forward(self.feed_forward, self.ffn_norm(h))
+        return lambda: h + feed_forward()
+
+
+@dataclass
+class MicroBatch:
+    """One part of a step's batch: its own tokens, metadata and logit rows (disjoint slots)."""
+
+    tokens: torch.Tensor  # [T_i] long
+    meta: StepMetadata
+    logit_rows: torch.Tensor  # [N_i] long, indices into this micro-batch's tokens
 
 
 def default_feed_forward(args: ModelArgs, layer: int) -> nn.Module:
@@ -62,6 +79,23 @@ class Transformer(nn.Module):
         rope_tables = self.rope.tables(meta.positions)  # once per step, shared by every layer
         for block in self.layers:
             h = block(h, rope_tables, meta, cache, self.backend)
+        return self._logits(h, logit_rows)
+
+    def forward_micro_batches(self, batches: list[MicroBatch], cache: RollingKVCache) -> torch.Tensor:
+        """Ping-pong (MegaScale-Infer): at each layer, micro-batch i's attention runs while the
+        experts of micro-batch i-1 compute on the shards. Same math as forward() on each part;
+        returns the logits of every part, concatenated in order ([sum N_i, V] float32)."""
+        hs = [self.tok_embeddings(b.tokens) for b in batches]  # [T_i, D] each
+        tables = [self.rope.tables(b.meta.positions) for b in batches]
+        pending: list[Callable[[], torch.Tensor] | None] = [None] * len(batches)
+        for block in self.layers:
+            for i, b in enumerate(batches):
+                if pending[i] is not None:
+                    hs[i] = pending[i]()  # waits for this part's experts of the previous layer
+                pending[i] = block.start(hs[i], tables[i], b.meta, cache, self.backend)
+        return torch.cat([self._logits(finish(), b.logit_rows) for finish, b in zip(pending, batches)])
+
+    def _logits(self, h: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         if logit_rows.numel() == 0:  # a mid-prompt chunk: nothing to sample, skip the LM head
             return h.new_empty(0, self.args.vocab_size, dtype=torch.float32)
         h = self.norm(h.index_select(0, logit_rows))  # the LM head only runs where logits are used

@@ -12,14 +12,22 @@ from pathlib import Path
 import torch
 
 from mixserve.errors import ContextLengthError, InvalidRequestError
-from mixserve.model import ModelArgs, RollingKVCache, SequenceChunk, Transformer, build_step_metadata, load_model
+from mixserve.model import (
+    MicroBatch,
+    ModelArgs,
+    RollingKVCache,
+    SequenceChunk,
+    Transformer,
+    build_step_metadata,
+    load_model,
+)
 from mixserve.model.attention_backends import make_backend
 from mixserve.model.factory import DTYPES
 from mixserve.replicas.detokenizer import IncrementalDetokenizer
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.sampler import sample, token_logprobs
 from mixserve.replicas.sampling_params import SamplingParams
-from mixserve.replicas.scheduler import ScheduledChunk, Scheduler
+from mixserve.replicas.scheduler import ScheduledChunk, Scheduler, split_micro_batches
 from mixserve.replicas.sequence import RequestOutput, Sequence, Status
 from mixserve.replicas.tokenizer import Tokenizer
 
@@ -152,30 +160,19 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        tokens: list[int] = []
-        seq_chunks: list[SequenceChunk] = []
-        logit_rows: list[int] = []
+        groups = split_micro_batches(chunks, self.config.micro_batches)
+        chunks = [c for group in groups for c in group]  # logits come back in this order
+        batches: list[MicroBatch] = []
         row_spans: list[tuple[int, int]] = []  # per chunk: its rows in the logits tensor
-        for chunk in chunks:
-            seq = chunk.seq
-            offset = len(tokens)
-            tokens.extend(seq.next_input(chunk.length))
-            seq_chunks.append(SequenceChunk(seq.slot, seq.num_computed, chunk.length))
-            first = len(logit_rows)
-            if seq.prompt_logprobs is not None and seq.in_prefill:
-                logit_rows.extend(range(offset, offset + chunk.length))
-            elif chunk.completes_prompt:
-                logit_rows.append(offset + chunk.length - 1)
-            row_spans.append((first, len(logit_rows)))
-
-        device = self.config.device
-        meta = build_step_metadata(seq_chunks, self.window, device)
-        logits = self.model(
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            meta,
-            self.cache,
-            torch.tensor(logit_rows, dtype=torch.long, device=device),
-        ).cpu()
+        for group in groups:
+            batch, spans = self._micro_batch(group, first_row=row_spans[-1][1] if row_spans else 0)
+            batches.append(batch)
+            row_spans.extend(spans)
+        if len(batches) == 1:
+            logits = self.model(batches[0].tokens, batches[0].meta, self.cache, batches[0].logit_rows)
+        else:
+            logits = self.model.forward_micro_batches(batches, self.cache)
+        logits = logits.cpu()
 
         # Everything that can fail (sampling, log-probs) runs before any sequence state changes,
         # so an exception leaves every request where it was and the caller can abort cleanly.
@@ -205,6 +202,31 @@ class LLMEngine:
             if seq.status is Status.FINISHED:
                 self._requests.pop(seq.request_id, None)
         return outputs
+
+    def _micro_batch(self, chunks: list[ScheduledChunk], first_row: int) -> tuple[MicroBatch, list[tuple[int, int]]]:
+        """Model inputs of one micro-batch, and each chunk's logit rows (numbered from first_row)."""
+        tokens: list[int] = []
+        seq_chunks: list[SequenceChunk] = []
+        logit_rows: list[int] = []
+        spans = []
+        for chunk in chunks:
+            seq = chunk.seq
+            offset = len(tokens)
+            tokens.extend(seq.next_input(chunk.length))
+            seq_chunks.append(SequenceChunk(seq.slot, seq.num_computed, chunk.length))
+            first = len(logit_rows)
+            if seq.prompt_logprobs is not None and seq.in_prefill:
+                logit_rows.extend(range(offset, offset + chunk.length))
+            elif chunk.completes_prompt:
+                logit_rows.append(offset + chunk.length - 1)
+            spans.append((first_row + first, first_row + len(logit_rows)))
+        device = self.config.device
+        batch = MicroBatch(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            meta=build_step_metadata(seq_chunks, self.window, device),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+        )
+        return batch, spans
 
     @staticmethod
     def _prompt_logprobs(chunk: ScheduledChunk, logits: torch.Tensor) -> list:

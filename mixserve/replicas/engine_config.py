@@ -43,6 +43,14 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default leaves torch's own choice."
     )
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Ping-pong: split each step's batch into this many micro-batches so that one's "
+        "attention runs while the expert shards compute another's (MegaScale-Infer). Helps only with "
+        "remote experts; 1 turns it off.",
+    )
     seed: int = Field(0, description="Seed of the generator used by sampled requests that set no seed.")
 
     @model_validator(mode="after")

@@ -91,3 +91,18 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+
+
+def split_micro_batches(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
+    """Splits a step's chunks into up to `parts` micro-batches of near-equal token counts
+    (largest chunks placed first, each into the lightest part). Within a part decodes stay
+    first, in schedule order, as the step metadata requires. Empty parts are dropped."""
+    if parts <= 1 or len(chunks) < 2:
+        return [chunks]
+    groups: list[list[int]] = [[] for _ in range(min(parts, len(chunks)))]
+    tokens = [0] * len(groups)
+    for i in sorted(range(len(chunks)), key=lambda i: -chunks[i].length):
+        lightest = tokens.index(min(tokens))
+        groups[lightest].append(i)
+        tokens[lightest] += chunks[i].length
+    return [[chunks[i] for i in sorted(g, key=lambda i: (chunks[i].length != 1, i))] for g in groups if g]

@@ -27,18 +27,19 @@ def transport_to(group, kind: str, timeout_s: float):
     return RayActorTransport(group.actors, timeout_s=timeout_s)
 
 
-def engine_over(group, folder, transport="zmq", timeout_s=20.0):
+def engine_over(group, folder, transport="zmq", timeout_s=20.0, micro_batches=1):
     client = ShardClient(group.placement, transport_to(group, transport, timeout_s))
     model = load_model(folder, max_positions=256, feed_forward_factory=remote_feed_forward(client))
-    return LLMEngine(model, Tokenizer.from_checkpoint(folder), EngineConfig(max_model_len=256, max_num_batched_tokens=48))
+    config = EngineConfig(max_model_len=256, max_num_batched_tokens=48, micro_batches=micro_batches)
+    return LLMEngine(model, Tokenizer.from_checkpoint(folder), config)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_ray_shard_actors_give_the_single_process_tokens(ray_cluster, mixtral_dir, transport):
+@pytest.mark.parametrize("transport, micro_batches", [("zmq", 1), ("ray", 1), ("zmq", 2)])
+def test_ray_shard_actors_give_the_single_process_tokens(ray_cluster, mixtral_dir, transport, micro_batches):
     placement = Placement.contiguous(8, 4, capacity=3).with_replica(5, 0)
     group = start_shard_group(mixtral_dir, placement, cpus_per_shard=1, num_threads=1)
     try:
-        engine = engine_over(group, mixtral_dir, transport)
+        engine = engine_over(group, mixtral_dir, transport, micro_batches=micro_batches)
         gen = torch.Generator().manual_seed(9)
         prompts = [[1] + torch.randint(3, 32000, (n,), generator=gen).tolist() for n in (6, 33, 12)]
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)

@@ -30,6 +30,18 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(mixtral_dir):
             assert max(abs(a[t] - b[t]) for t in a) < 1e-4
 
 
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_ping_pong_micro_batches_change_nothing_in_the_results(mixtral_dir, micro_batches):
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([3, 57, 17, 30, 90, 2])]
+    params = [SamplingParams(max_tokens=m, logprobs=1, **GREEDY) for m in (9, 5, 14, 3, 8, 11)]
+    whole = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=40)
+    split = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=40, micro_batches=micro_batches)
+    for a, b in zip(whole.generate(prompts, params), split.generate(prompts, params)):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) < 1e-4
+
+
 def test_admission_waits_for_a_free_slot_and_every_request_finishes(mixtral_dir):
     llm = LLM(mixtral_dir, max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16)
     engine = llm.engine
