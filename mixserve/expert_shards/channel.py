@@ -13,8 +13,11 @@ owns the actors' lives; only the tensors take this path. (On GPUs the same Trans
 NCCL.)
 
 Wire format, one message each way per shard per layer:
-  request: [header JSON {id, layer, experts, counts, rows, dim, dtype}, payload rows*dim]
-  reply:   [header JSON {id, rows, dim, dtype, compute_s} or {id, error}, payload (absent on error)]
+  request: [header JSON {id, layer, experts, counts, rows, dim, dtype, sent_at}, payload rows*dim]
+  reply:   [header JSON {id, rows, dim, dtype, compute_s, to_shard_s, replied_at} or {id, error},
+            payload (absent on error)]
+(sent_at and replied_at are wall-clock stamps: the trip times they give are exact on one
+machine and approximate across machines; they only feed the dispatch statistics.)
 The channel is inside the cluster's network, like Ray's own ports: bind it to the node's
 cluster address, never to a public interface.
 """
@@ -84,11 +87,14 @@ class ShardServer:
             header = json.loads(sock.recv())
             try:
                 x = _receive_tensor(sock, header["rows"], header["dim"], header["dtype"])
+                received_at = time.time()
                 start = time.perf_counter()
                 out = self._compute(header["layer"], header["experts"], header["counts"], x).to(DTYPES[header["dtype"]])
                 reply = {
                     "id": header["id"], "rows": out.shape[0], "dim": out.shape[1], "dtype": header["dtype"],
                     "compute_s": time.perf_counter() - start,
+                    "to_shard_s": received_at - header["sent_at"],
+                    "replied_at": time.time(),
                 }
                 sock.send_multipart([identity, json.dumps(reply).encode(), _as_bytes(out)], copy=False)
             except Exception as exc:  # noqa: BLE001 - the replica gets the error; the shard keeps serving
@@ -152,7 +158,7 @@ class ZmqTransport:
             x = req.x.contiguous()
             header = {
                 "id": next(self._ids), "layer": layer, "experts": req.experts, "counts": req.counts,
-                "rows": x.shape[0], "dim": x.shape[1], "dtype": DTYPE_NAMES[x.dtype],
+                "rows": x.shape[0], "dim": x.shape[1], "dtype": DTYPE_NAMES[x.dtype], "sent_at": time.time(),
             }
             try:
                 peer.socket.send_multipart([json.dumps(header).encode(), _as_bytes(x)], flags=zmq.NOBLOCK, copy=False)
@@ -209,7 +215,8 @@ class ZmqTransport:
                 self._stash[header["id"]] = header["error"]
             else:
                 out = _receive_tensor(sock, header["rows"], header["dim"], header["dtype"])
-                self._stash[header["id"]] = ShardReply(out, header["compute_s"])
+                from_shard_s = time.time() - header["replied_at"]
+                self._stash[header["id"]] = ShardReply(out, header["compute_s"], header["to_shard_s"], from_shard_s)
 
     def _drain_events(self, shard: int, peer: _Peer) -> None:
         while peer.monitor.poll(0):

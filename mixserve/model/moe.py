@@ -141,6 +141,12 @@ class MoeLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         return self.start(x)()
 
+    def begin_step(self) -> None:
+        """Called once at the start of every model step (remote experts latch their placement)."""
+        hook = getattr(self.experts, "begin_step", None)
+        if hook is not None:
+            hook()
+
     def start(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Gates x [T, D] and starts the experts; the returned call gives the [T, D] output.
         Remote experts return before the shards finish (ping-pong overlaps that wait with

@@ -75,6 +75,7 @@ class Transformer(nn.Module):
         cache: RollingKVCache,
         logit_rows: torch.Tensor,  # [N] long: which of the T positions need logits
     ) -> torch.Tensor:  # [N, V] float32
+        self._begin_step()
         h = self.tok_embeddings(tokens)  # [T, D]
         rope_tables = self.rope.tables(meta.positions)  # once per step, shared by every layer
         for block in self.layers:
@@ -85,6 +86,7 @@ class Transformer(nn.Module):
         """Ping-pong (MegaScale-Infer): at each layer, micro-batch i's attention runs while the
         experts of micro-batch i-1 compute on the shards. Same math as forward() on each part;
         returns the logits of every part, concatenated in order ([sum N_i, V] float32)."""
+        self._begin_step()
         hs = [self.tok_embeddings(b.tokens) for b in batches]  # [T_i, D] each
         tables = [self.rope.tables(b.meta.positions) for b in batches]
         pending: list[Callable[[], torch.Tensor] | None] = [None] * len(batches)
@@ -94,6 +96,11 @@ class Transformer(nn.Module):
                     hs[i] = pending[i]()  # waits for this part's experts of the previous layer
                 pending[i] = block.start(hs[i], tables[i], b.meta, cache, self.backend)
         return torch.cat([self._logits(finish(), b.logit_rows) for finish, b in zip(pending, batches)])
+
+    def _begin_step(self) -> None:
+        for block in self.layers:
+            if isinstance(block.feed_forward, MoeLayer):
+                block.feed_forward.begin_step()
 
     def _logits(self, h: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         if logit_rows.numel() == 0:  # a mid-prompt chunk: nothing to sample, skip the LM head

@@ -81,3 +81,40 @@ def test_a_shard_can_take_a_replica_of_another_expert_at_run_time(mixtral_dir):
     x = torch.randn(4, 64)
     assert torch.equal(shard.compute(2, [6], [4], x), reference.compute(2, [6], [4], x))
     assert torch.equal(shard.compute(2, [1], [4], x), ExpertShard(2, mixtral_dir, [1]).compute(2, [1], [4], x))
+
+
+class RecordingTransport(InProcessTransport):
+    """Logs which experts each shard got per layer call; can run a hook on one layer."""
+
+    def __init__(self, shards, on_layer=None):
+        super().__init__(shards)
+        self.calls: list[tuple[int, dict[int, list[int]]]] = []
+        self.on_layer = on_layer or {}
+
+    def submit(self, layer, requests):
+        self.calls.append((layer, {sid: list(r.experts) for sid, r in requests.items()}))
+        if layer in self.on_layer:
+            self.on_layer.pop(layer)()
+        return super().submit(layer, requests)
+
+
+def test_a_new_placement_takes_effect_at_the_next_step_never_mid_step(mixtral_dir):
+    placement = Placement.contiguous(8, 2, capacity=5)  # shard 0: experts 0-3, shard 1: 4-7, one spare slot each
+    shards = [ExpertShard(s, mixtral_dir, placement.experts_of(s)) for s in range(2)]
+    shards[1].add_expert(0)  # the copy is loaded before the placement that uses it is published
+    client = ShardClient(placement, InProcessTransport(shards))
+    swap_at_layer_1 = {1: lambda: client.set_placement(placement.with_replica(0, 1))}
+    client.transport = RecordingTransport(shards, on_layer=swap_at_layer_1)
+    model = load_model(mixtral_dir, max_positions=256, feed_forward_factory=remote_feed_forward(client))
+    engine = LLMEngine(model, Tokenizer.from_checkpoint(mixtral_dir), EngineConfig(max_model_len=256))
+    prompt = [1] + torch.randint(3, 32000, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.add_request("r", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    engine.step()  # the 61-token prefill: every expert is active in every layer
+    n_layers = len(model.layers)
+    first_step = client.transport.calls
+    assert len(first_step) == n_layers and not swap_at_layer_1  # the swap happened during the first step
+    assert all(0 not in experts.get(1, []) for _, experts in first_step)  # that step kept the old table
+    engine.add_request("s", prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    engine.step()  # decode of r + prefill of s, on the new table
+    later = client.transport.calls[n_layers:]
+    assert any(0 in experts.get(1, []) for _, experts in later)  # the copy on shard 1 now takes tokens
