@@ -19,6 +19,7 @@ from mixserve.expert_shards.placement import Placement, max_over_mean
 
 LOAD_WINDOW_S = 60.0
 HEAL_EVERY_S = 2.0
+AUTO_REBALANCE_ABOVE = 1.1  # max/mean tokens per shard below which a copy is not worth its memory
 log = logging.getLogger(__name__)
 
 
@@ -44,16 +45,19 @@ class ExpertRouter:
         cpus_per_shard: float = 1.0,
         gpus_per_shard: float = 0.0,
         num_threads: int | None = None,
+        auto_rebalance_s: float = 0.0,
     ):
         self._start_args = dict(
             checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
             gpus_per_shard=gpus_per_shard, num_threads=num_threads,
         )
         self._replicate_hottest = replicate_hottest
+        self._auto_rebalance_s = auto_rebalance_s
         self._placement = Placement.contiguous(num_experts, n_shards, capacity=experts_per_shard)
         self._group: ShardGroup = start_shard_group(placement=self._placement, **self._start_args)
         self._addresses = {sid: info.address for sid, info in self._group.infos.items()}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the load reports
+        self._change = threading.Lock()  # one placement change at a time (rebalance, heal)
         self._reports: collections.deque[tuple[float, list[int], list[int]]] = collections.deque()
         self._healer = threading.Thread(target=self._heal_forever, name="shard-healer", daemon=True)
         self._healer.start()
@@ -78,6 +82,10 @@ class ExpertRouter:
         """Replicates up to `replicate_hottest` hot experts (by the load window) into spare shard
         slots. The shards load the new copies first; only then is the new placement published,
         so no token is ever sent to a shard that cannot serve it. Returns the placement version."""
+        with self._change:
+            return self._rebalance()
+
+    def _rebalance(self) -> int:
         import ray
 
         _, expert_tokens = self._window()
@@ -120,16 +128,40 @@ class ExpertRouter:
         return shards, experts
 
     def _heal_forever(self) -> None:
+        last_rebalance = time.monotonic()
         while True:
             time.sleep(HEAL_EVERY_S)
             try:
                 self.heal()
             except Exception:  # noqa: BLE001 - keep watching; the next round retries
                 log.exception("could not restore a dead expert shard")
+            if self._auto_rebalance_s and time.monotonic() - last_rebalance >= self._auto_rebalance_s:
+                last_rebalance = time.monotonic()
+                self._maybe_rebalance()
+
+    def _maybe_rebalance(self) -> None:
+        """Automatic rebalancing: copies hot experts when the load window shows imbalance.
+        Copies are only ever added, and only when they lower max/mean, so steady load
+        cannot make the placement flap."""
+        # Judged on the expert load spread over the *current* holders: the shards' own token
+        # counts in the window still carry the imbalance of the placement before the last copy.
+        _, expert_tokens = self._window()
+        if not any(expert_tokens) or self._placement.balance(expert_tokens) < AUTO_REBALANCE_ABOVE:
+            return
+        try:
+            before = self._placement.version
+            if self.rebalance() != before:
+                log.warning("rebalanced the experts automatically (placement version %d)", self._placement.version)
+        except Exception:  # noqa: BLE001 - the next round retries
+            log.exception("automatic rebalance failed")
 
     def heal(self) -> list[int]:
         """Restarts every dead shard in its own bundle with the experts the placement gives it,
         then publishes the placement under a new version so replicas refresh their handles."""
+        with self._change:
+            return self._heal()
+
+    def _heal(self) -> list[int]:
         import ray
 
         dead = [sid for sid, alive in self._alive().items() if not alive]

@@ -39,6 +39,7 @@ def build_app(config: DeploymentConfig) -> Application:
             config.experts.cpus_per_shard,
             config.experts.gpus_per_shard,
             engine.num_threads,
+            config.experts.auto_rebalance_s,
         )
         connector = functools.partial(
             connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport

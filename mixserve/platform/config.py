@@ -51,6 +51,12 @@ class ExpertsSection(_Strict):
         None, ge=1, description="Expert slots per shard; slots beyond the even split hold replicas of hot experts."
     )
     replicate_hottest: int = Field(0, ge=0, description="Hot experts to replicate into spare slots when the router rebalances.")
+    auto_rebalance_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between automatic rebalance checks (copies hot experts into spare slots when the "
+        "shards' max/mean load is 1.1 or more); 0 leaves rebalancing to `mixserve rebalance`.",
+    )
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs each expert shard reserves.")
     gpus_per_shard: float = Field(0.0, ge=0, description="Ray GPUs each expert shard reserves.")
     dispatch_timeout_s: float = Field(30.0, gt=0, description="A shard silent this long fails the step with a retryable error.")
