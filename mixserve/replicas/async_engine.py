@@ -38,14 +38,20 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, chat: bool = False, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        chat: bool = False,
+        request_id: str | None = None,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as steps produce them. Invalid input raises before
         anything is queued; leaving the iteration early (client gone) aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            self.engine.add_request(request_id, prompt, params, chat=chat)
+            self.engine.add_request(request_id, prompt, params, chat=chat, tenant=tenant, weight=weight)
             self._queues[request_id] = (asyncio.get_running_loop(), queue)
         self._work.set()
         try:

@@ -33,6 +33,8 @@ class GenerateRequest:
     params: SamplingParams
     chat: bool = False
     request_id: str | None = None
+    tenant: str = ""  # for weighted fair scheduling across tenants
+    weight: float = 1.0
 
 
 @dataclass
@@ -69,7 +71,10 @@ class AttentionReplica:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | GenerateError]:
         try:
-            async for out in self.engine.generate(request.prompt, request.params, request.chat, request.request_id):
+            outputs = self.engine.generate(
+                request.prompt, request.params, request.chat, request.request_id, request.tenant, request.weight
+            )
+            async for out in outputs:
                 yield out
         except InvalidRequestError as exc:
             yield GenerateError("invalid_request", exc.message, exc.param)

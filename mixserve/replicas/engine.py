@@ -85,6 +85,8 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         chat: bool = False,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> None:
         """Validates and queues a request; raises InvalidRequestError and queues nothing if bad.
 
@@ -92,7 +94,9 @@ class LLMEngine:
         chat=True the first streamed piece loses its leading space (answers follow "[/INST] ").
         """
         params = params or SamplingParams()
-        params.validate()  # SamplingParams is mutable: check again what actually runs
+        params.validate()
+        if not weight > 0:
+            raise InvalidRequestError(f"weight must be > 0, got {weight}", "weight")  # SamplingParams is mutable: check again what actually runs
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self._prompt_ids(prompt)
@@ -111,6 +115,8 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, strip_leading_space=chat),
             generator=generator,
             arrival=time.monotonic(),
+            tenant=tenant,
+            weight=weight,
         )
         self._requests[request_id] = seq
         self.scheduler.add(seq)

@@ -4,14 +4,15 @@ Every step: all decoding sequences get one token each (decode latency first), th
 prefilling sequences get prompt chunks of at most `chunk_size` tokens from what is left of
 the step's token budget, then waiting requests are admitted while cache slots and budget
 remain. Requests join and leave the batch at any step; a full slot pool makes admission
-wait, never allocate.
+wait, never allocate. Across tenants, admission and prompt chunks follow weighted fair
+queuing (fair_queue.py).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
+from mixserve.replicas.fair_queue import FairQueue
 from mixserve.replicas.sequence import Sequence, Status
 
 
@@ -49,11 +50,11 @@ class Scheduler:
         self.slots = SlotPool(n_slots)
         self.token_budget = token_budget
         self.chunk_size = chunk_size
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = FairQueue()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.add(seq)
 
     @property
     def has_work(self) -> bool:
@@ -61,22 +62,26 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         """The next step's chunks, single-token chunks first (they share the batched decode path)."""
+        fair = self.waiting
+        fair.forget_idle({seq.tenant for seq in self.running})
         decodes = [ScheduledChunk(seq, 1) for seq in self.running if not seq.in_prefill]
         budget = self.token_budget - len(decodes)  # the budget is >= n_slots, so decodes always fit
         prefills: list[ScheduledChunk] = []
-        for seq in self.running:
-            if seq.in_prefill and budget > 0:
+        for seq in sorted((s for s in self.running if s.in_prefill), key=fair.virtual_time):
+            if budget > 0:
                 length = min(self.chunk_size, seq.prompt_len - seq.num_computed, budget)
                 (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
                 budget -= length
         while self.waiting and self.slots.n_free and budget > 0:
-            seq = self.waiting.popleft()
+            seq = self.waiting.pop_next()
             seq.slot = self.slots.take()
             seq.status = Status.RUNNING
             self.running.append(seq)
             length = min(self.chunk_size, seq.prompt_len, budget)
             (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
             budget -= length
+        for chunk in decodes + prefills:
+            fair.charge(chunk.seq, chunk.length)
         return decodes + prefills
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -44,6 +44,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None  # per-request RNG when a seed is given
     arrival: float
+    tenant: str = ""  # whose request, for weighted fair scheduling ("" = anonymous)
+    weight: float = 1.0  # the tenant's priority weight
     status: Status = Status.WAITING
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
