@@ -14,6 +14,7 @@ from mixserve.model.args import ModelArgs
 from mixserve.platform.config import ConfigError, DeploymentConfig
 from mixserve.platform.experts_wiring import connect_remote_experts
 from mixserve.platform.http_ingress import HttpIngress
+from mixserve.platform.ledger import TenantLedger
 from mixserve.replicas.deployment import AttentionReplica
 
 APP_NAME = "mixserve"
@@ -44,11 +45,22 @@ def build_app(config: DeploymentConfig) -> Application:
         connector = functools.partial(
             connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport
         )
+    tenants = [t.model_dump() for t in config.all_tenants()]
+    ledger = serve.deployment(TenantLedger, name="TenantLedger", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(tenants)
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",
         num_replicas=config.attention.replicas,
         max_ongoing_requests=4 * engine.max_num_seqs,
+        max_queued_requests=config.attention.max_queued_requests,
         ray_actor_options={"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica},
-    ).bind(checkpoint, config.model.name, engine.model_dump(), router, connector)
-    return HttpIngress.options(ray_actor_options={"num_cpus": 0}).bind(replica, config.model.name)
+    ).bind(checkpoint, config.model.name, engine.model_dump(), router, connector, ledger, report_replica_stats)
+    return HttpIngress.options(num_replicas=config.http.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+        replica, ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt, config.http.max_body_bytes,
+    )
+
+
+async def report_replica_stats(ledger, stats: dict) -> None:
+    """How an attention replica's queue figures reach the ledger (and so /metrics)."""
+    replica = serve.get_replica_context().replica_id.unique_id
+    await ledger.replica_stats.remote(replica, stats)

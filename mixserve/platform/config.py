@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mixserve.errors import MixserveError
+from mixserve.platform.tenants import Tenant, TenantsError, load_tenants
 from mixserve.replicas.engine_config import EngineConfig
 
 
@@ -29,6 +30,10 @@ class _Strict(BaseModel):
 class ModelSection(_Strict):
     name: str = Field(..., min_length=1, description="The name clients pass as `model` (also listed by /v1/models).")
     source: str = Field(..., min_length=1, description="Checkpoint folder (safetensors, Hugging Face or Mistral layout).")
+    system_prompt: str | None = Field(
+        None, description="Default system prompt for chat requests that bring none (a tenant's own overrides it): "
+        "text, or 'guardrail' for the Mistral 7B paper's guardrail prompt.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -43,6 +48,9 @@ class AttentionSection(_Strict):
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs each attention replica reserves.")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs each attention replica reserves (0 on CPU clusters).")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine settings of every replica.")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests queued at the replicas beyond their running ones; more get 503 + Retry-After."
+    )
 
 
 class ExpertsSection(_Strict):
@@ -70,6 +78,8 @@ class ExpertsSection(_Strict):
 class HttpSection(_Strict):
     host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose the server.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port of the HTTP front door.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="HTTP ingress replicas (quotas hold across all of them).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted; larger ones get 413.")
 
 
 class DeploymentConfig(_Strict):
@@ -77,6 +87,22 @@ class DeploymentConfig(_Strict):
     attention: AttentionSection = Field(default_factory=AttentionSection, description="The attention side.")
     experts: ExpertsSection = Field(default_factory=ExpertsSection, description="The expert side.")
     http: HttpSection = Field(default_factory=HttpSection, description="The HTTP front door.")
+    tenants: list[Tenant] = Field(
+        default_factory=list, description="Tenants, their hashed API keys and limits. None at all = no key needed (loopback demos).",
+    )
+    tenants_file: str | None = Field(
+        None, description="A YAML file with more tenants (`tenants: [...]`), as `mixserve keys add` writes it.",
+    )
+
+    def all_tenants(self) -> list[Tenant]:
+        """Tenants from the config and from tenants_file; raises ConfigError on a bad file."""
+        extra: list[Tenant] = []
+        if self.tenants_file:
+            try:
+                extra = load_tenants(self.tenants_file)
+            except TenantsError as exc:
+                raise ConfigError(str(exc)) from None
+        return [*self.tenants, *extra]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DeploymentConfig:

@@ -1,60 +1,36 @@
-"""The HTTP front door on Ray Serve: OpenAI-style /v1/completions (plain and SSE), /v1/models,
-/health. Errors use OpenAI's error body. (Tenants, keys, chat and gRPC: the front-door issue.)
+"""The HTTP front door on Ray Serve (FastAPI): OpenAI-compatible completions and chat
+completions (plain and SSE), models, usage, Prometheus metrics and health.
 
-No `from __future__ import annotations` here: FastAPI must see the request model's real type on
-the Serve-wrapped methods, or it reads the body as a query parameter.
+Every refusal is OpenAI's error body with its status: 400 bad parameters or a prompt too long,
+401 no or wrong key, 403 model not allowed, 404 unknown model, 413 body too large, 429 over
+quota and 503 overloaded (both with Retry-After). The shared work (keys, quotas, tokenizing,
+fan-out to replicas, metering) lives in front_door.py so the gRPC ingress does the same.
+
+No `from __future__ import annotations` here: FastAPI must see the request models' real types
+on the Serve-wrapped methods, or it reads the body as query parameters.
 """
 
-
 import json
-import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from mixserve.errors import InvalidRequestError
-from mixserve.replicas.deployment import GenerateError, GenerateRequest
-from mixserve.replicas.sampling_params import SamplingParams
-from mixserve.replicas.sequence import RequestOutput
+from mixserve.platform.body_limit import BodyLimit
+from mixserve.platform.front_door import ApiError, Caller, FrontDoor, RequestRecord
+from mixserve.platform.openai_api import ChatCompletionRequest, CompletionRequest
+from mixserve.platform.openai_shapes import ChatShape, CompletionShape
 
-app = FastAPI(title="mixserve", description="OpenAI-compatible serving of Mistral / Mixtral")
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(..., description="Served model name (see /v1/models).")
-    prompt: str | list[int] = Field(..., description="Text, or token ids used exactly as given.")
-    max_tokens: int = Field(16, description="Most tokens to generate.")
-    temperature: float = Field(1.0, description="0 is greedy.")
-    top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
-    top_k: int = Field(-1, description="Extension: keep the k most likely tokens (-1 = off).")
-    seed: int | None = Field(None, description="Per-request seed for reproducible sampling.")
-    stop: str | list[str] | None = Field(None, description="Stop strings, cut from the text.")
-    stream: bool = Field(False, description="Server-sent events, ending with `data: [DONE]`.")
-    logprobs: int | None = Field(None, description="Top log-probabilities per generated token.")
-    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
-    n: int = Field(1, description="Completions per prompt (1 until the front-door issue).")
+app = FastAPI(title="mixserve", description="OpenAI-compatible serving of Mistral / Mixtral", version="1")
 
 
-RETRY_AFTER_S = 1
-
-
-def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    content = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(status_code=status, content=content, headers=headers)
-
-
-def _error_of(err: GenerateError) -> JSONResponse:
-    if err.kind == "invalid_request":
-        return error_response(400, err.message, "invalid_request_error", err.param)
-    return error_response(503, err.message, "service_unavailable")
+def error_response(err: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(int(err.retry_after_s))} if err.retry_after_s else None
+    return JSONResponse(status_code=err.status, content=err.body(), headers=headers)
 
 
 # Everything the ingress class uses must be defined above it: @serve.deployment pickles the
@@ -63,85 +39,131 @@ def _error_of(err: GenerateError) -> JSONResponse:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body"}
     param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return error_response(400, f"{param or 'body'}: {first['msg']}", "invalid_request_error", param)
+    return error_response(ApiError(400, f"{param or 'body'}: {first['msg']}", param))
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+app.add_middleware(BodyLimit)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 @serve.deployment
 @serve.ingress(app)
 class HttpIngress:
-    def __init__(self, replica, model_name: str):
-        self.replica = replica
-        self.model_name = model_name
+    def __init__(self, replica, ledger, router, model_name: str, checkpoint: str, tenants: list[dict],
+                 system_prompt: str | None = None, max_body_bytes: int = 1 << 20):
+        self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt)
+        BodyLimit.max_bytes = max_body_bytes
 
+    def _caller(self, request: Request) -> Caller:
+        return self.door.authenticate(request.headers.get("authorization"))
+
+    # ---- plain endpoints ---------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "mixserve"}]}
+    async def models(self, request: Request) -> dict[str, Any]:
+        caller = self._caller(request)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "mixserve"} for m in self.door.visible_models(caller)]
+        return {"object": "list", "data": data}
 
+    @app.get("/v1/usage")
+    async def usage_report(self, request: Request) -> dict[str, Any]:
+        caller = self._caller(request)
+        if not caller.admin:
+            raise ApiError(403, "reading usage needs an admin key")
+        return {"object": "usage", "tenants": await self.door.ledger.usage.remote()}
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        caller = self._caller(request)
+        if not caller.admin:
+            raise ApiError(403, "reading metrics needs an admin key")
+        shard_tokens = None
+        if self.door.router is not None:
+            shard_tokens = (await self.door.router.status.remote()).shard_tokens
+        text = await self.door.ledger.metrics.remote(shard_tokens)
+        return Response(content=text, media_type="text/plain; version=0.0.4")
+
+    # ---- generation --------------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
-        if body.model != self.model_name:
-            return error_response(404, f"model {body.model!r} does not exist", "not_found_error", "model")
-        if body.n != 1:
-            return error_response(400, "n must be 1", "invalid_request_error", "n")
+    async def completions(self, body: CompletionRequest, request: Request):
+        caller = self._caller(request)
+        self.door.check_model(caller, body.model)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "echo")
+        params = self._params(body, body.logprobs)
+        prompt_ids = await self.door.completion_prompt(body.prompt)
+        return await self._generate(caller, body, params, prompt_ids, chat=False, endpoint="completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        caller = self._caller(request)
+        self.door.check_model(caller, body.model)
+        params = self._params(body)
+        if body.messages[-1].role != "user":
+            raise ApiError(400, "the last message must be from the user", "messages")
+        prompt_ids = await self.door.chat_prompt(caller, [m.model_dump() for m in body.messages])
+        return await self._generate(caller, body, params, prompt_ids, chat=True, endpoint="chat")
+
+    @staticmethod
+    def _params(body, *args):
         try:
-            params = SamplingParams(
-                max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                seed=body.seed, stop=body.stop, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
-            )
+            return body.sampling_params(*args)
         except InvalidRequestError as exc:
-            return error_response(400, exc.message, "invalid_request_error", exc.param)
-        stream = self.replica.options(stream=True).generate.remote(GenerateRequest(body.prompt, params))
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        first = await anext(stream, None)  # errors about the request arrive first: answer them with a status
-        if isinstance(first, GenerateError):
-            stream.cancel()
-            return _error_of(first)
-        if body.stream:
-            return StreamingResponse(
-                self._sse(first, stream, completion_id, created), media_type="text/event-stream"
-            )
-        final = first
-        async for out in stream:
-            if isinstance(out, GenerateError):
-                return _error_of(out)
-            final = out
-        return self._completion(completion_id, created, final.text, final)
+            raise ApiError(400, exc.message, exc.param) from None
 
-    async def _sse(self, first: RequestOutput, stream, completion_id: str, created: int):
+    async def _generate(self, caller: Caller, body, params, prompt_ids: list[int], chat: bool, endpoint: str):
+        record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids))
+        lease = await self.door.admit(caller, len(prompt_ids), params.max_tokens * body.n)
         try:
-            out = first
-            while True:
-                if isinstance(out, GenerateError):
-                    yield f"data: {json.dumps({'error': {'message': out.message, 'type': out.kind}})}\n\n"
-                    break
-                if out.new_text or out.finished:
-                    chunk = self._completion(completion_id, created, out.new_text, out, final=out.finished)
-                    yield f"data: {json.dumps(chunk)}\n\n"
+            choices = await self.door.open_choices(caller, prompt_ids, params, body.n, chat)
+        except ApiError as err:
+            record.status = str(err.status)
+            self.door.settle(lease, record)
+            raise
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
+        if body.stream:
+            return StreamingResponse(self._stream(choices, shape, record, lease, body), media_type="text/event-stream")
+        finals: dict[int, Any] = {}
+        try:
+            async for i, out in choices.events():
+                record.saw(i, out)
                 if out.finished:
-                    break
-                out = await anext(stream)
-            yield "data: [DONE]\n\n"
+                    finals[i] = out
+        except ApiError as err:
+            record.status = str(err.status)
+            raise
         finally:
-            stream.cancel()  # a client that left aborts its request and frees its cache slot
+            choices.close()
+            self.door.settle(lease, record)
+        return shape.whole([finals[i] for i in range(body.n)], record)
 
-    def _completion(self, completion_id: str, created: int, text: str, out: RequestOutput, final: bool = True) -> dict:
-        body = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": self.model_name,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": out.finish_reason if final else None}],
-        }
-        if final:
-            prompt_tokens, completion_tokens = len(out.prompt_token_ids), len(out.token_ids)
-            body["usage"] = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-        return body
+    async def _stream(self, choices, shape, record: RequestRecord, lease: str, body):
+        try:
+            async for i, out in choices.events():
+                record.saw(i, out)
+                for chunk in shape.chunks(i, out):
+                    yield sse(chunk)
+            if body.include_usage:
+                yield sse(shape.usage_chunk(record))
+        except ApiError as err:
+            record.status = str(err.status)
+            yield sse(err.body())
+        except BaseException:
+            record.status = "client_closed"  # the client left: choices.events() aborted every choice
+            raise
+        finally:
+            choices.close()  # also when the client left mid-stream: every choice aborts, slots free
+            self.door.settle(lease, record)
+        yield sse("[DONE]")

@@ -58,9 +58,14 @@ class Tenant(BaseModel):
         return value
 
     def resolved_system_prompt(self) -> str | None:
-        if self.system_prompt is None:
-            return None
-        return NAMED_SYSTEM_PROMPTS.get(self.system_prompt, self.system_prompt)
+        return resolve_system_prompt(self.system_prompt)
+
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """A system prompt given as text or by name ('guardrail')."""
+    if value is None:
+        return None
+    return NAMED_SYSTEM_PROMPTS.get(value, value)
 
 
 class TenantsFile(BaseModel):

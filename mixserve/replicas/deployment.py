@@ -3,12 +3,14 @@
 It holds the non-expert weights and the rolling KV caches and runs continuous batching. Where
 the experts live is injected: `await experts_connector(router)` returns the model's feed-forward
 factory (remote shards); None keeps the experts in-process. The platform wires that in,
-so this module never imports the expert side.
+so this module never imports the expert side. Likewise `stats_reporter(stats_target, stats)`
+is how the queue figures reach the platform's metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,9 @@ from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
 from mixserve.replicas.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+STATS_EVERY_S = 0.5
 
 
 @dataclass
@@ -54,6 +59,8 @@ class AttentionReplica:
         engine_config: dict,
         expert_router=None,
         experts_connector: Callable[..., Awaitable[Callable]] | None = None,
+        stats_target=None,
+        stats_reporter: Callable[..., Awaitable[None]] | None = None,
     ):
         config = EngineConfig.model_validate(engine_config)
         if config.num_threads:
@@ -68,6 +75,17 @@ class AttentionReplica:
         )
         self.model_name = model_name
         self.engine = AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(checkpoint), config))
+        if stats_reporter is not None:
+            # Queue figures for /metrics; injected so this package needs nothing of the platform's.
+            asyncio.get_running_loop().create_task(self._report_stats(stats_reporter, stats_target))
+
+    async def _report_stats(self, reporter, target) -> None:
+        while True:
+            await asyncio.sleep(STATS_EVERY_S)
+            try:
+                await reporter(target, self.engine.stats())
+            except Exception:  # noqa: BLE001 - a missed report only delays the figures
+                log.warning("could not report queue figures", exc_info=True)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | GenerateError]:
         try:

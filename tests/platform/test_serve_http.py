@@ -83,14 +83,16 @@ def test_streaming_sends_deltas_then_done(serve_http, mixtral_dir):
     deploy(serve_http, mixtral_dir, attention={"engine": {"max_model_len": 256, "num_threads": 1}})
     with requests.post(f"{serve_http}/v1/completions", stream=True, timeout=120,
                        json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0,
-                             "ignore_eos": True, "stream": True}) as response:
+                             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line]
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == expected_texts(mixtral_dir)[0]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 12
+    *text_chunks, usage_chunk = chunks
+    assert "".join(c["choices"][0]["text"] for c in text_chunks) == expected_texts(mixtral_dir)[0]
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 12
 
 
 BAD_REQUESTS = [

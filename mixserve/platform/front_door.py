@@ -1,0 +1,233 @@
+"""What every front door does before and after generation, whatever its protocol.
+
+HTTP and gRPC ingresses both: authenticate the caller (API key -> tenant), check the model,
+tokenize off the event loop, admit the request against the tenant's quotas (the shared
+ledger), open the choices on the attention replicas, and settle usage and metrics at the end,
+whether the request finished, failed or its client left. Errors are ApiError with an HTTP
+status; the gRPC ingress maps the same statuses to gRPC codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ray.serve.exceptions import BackPressureError
+
+from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
+from mixserve.platform.openai_api import TokenText
+from mixserve.platform.tenants import KeyRing, Tenant, resolve_system_prompt
+from mixserve.replicas.deployment import GenerateError, GenerateRequest
+from mixserve.replicas.sampling_params import SamplingParams
+from mixserve.replicas.sequence import RequestOutput
+from mixserve.replicas.tokenizer import Tokenizer
+
+ANONYMOUS = "anonymous"  # the tenant name of callers of an open deployment (no tenants configured)
+RETRY_AFTER_S = 1
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+}
+
+
+class ApiError(MixserveError):
+    """A request refused or failed, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s if retry_after_s is not None else (RETRY_AFTER_S if status in (429, 503) else None)
+
+    @property
+    def kind(self) -> str:
+        return ERROR_TYPES.get(self.status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def api_error_of(err: GenerateError) -> ApiError:
+    if err.kind == "invalid_request":
+        code = "context_length_exceeded" if "context" in err.message else None
+        return ApiError(400, err.message, err.param, code)
+    return ApiError(503, err.message)
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    weight: float = 1.0
+    admin: bool = False
+    models: tuple[str, ...] | None = None
+    system_prompt: str | None = None
+
+
+@dataclass
+class RequestRecord:
+    """What the ledger is told when the request ends."""
+
+    endpoint: str
+    arrived: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    completion_tokens: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
+    first_token_at: float | None = None
+    last_token_at: dict[int, float] = field(default_factory=dict)
+    gaps: list[float] = field(default_factory=list)
+    status: str = "ok"
+
+    def saw(self, index: int, out: RequestOutput) -> None:
+        if not out.new_token_ids:
+            return
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        if index in self.last_token_at:
+            self.gaps.append((now - self.last_token_at[index]) / len(out.new_token_ids))
+        self.last_token_at[index] = now
+        self.completion_tokens[index] = len(out.token_ids)
+
+
+class FrontDoor:
+    def __init__(self, replica, ledger, router, model_name: str, checkpoint: str, tenants: list[dict],
+                 system_prompt: str | None = None):
+        self.replica, self.ledger, self.router = replica, ledger, router
+        self.model_name = model_name
+        self.keys = KeyRing([Tenant.model_validate(t) for t in tenants])
+        self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        self.names = TokenText(self.tokenizer.piece_bytes)
+        self.system_prompt = resolve_system_prompt(system_prompt)
+
+    # ---- who, and may they -------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> Caller:
+        if self.keys.open:
+            return Caller(ANONYMOUS, admin=True)
+        if not authorization:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.strip().partition(" ")
+        tenant = self.keys.lookup(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise ApiError(401, "invalid API key")
+        return Caller(tenant.name, tenant.weight, tenant.admin, tuple(tenant.models) if tenant.models is not None else None,
+                      tenant.resolved_system_prompt())
+
+    def check_model(self, caller: Caller, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(404, f"model {model!r} does not exist", "model", "model_not_found")
+        if caller.models is not None and model not in caller.models:
+            raise ApiError(403, f"tenant {caller.name!r} may not use model {model!r}", "model")
+
+    def visible_models(self, caller: Caller) -> list[str]:
+        return [m for m in [self.model_name] if caller.models is None or m in caller.models]
+
+    # ---- prompts -----------------------------------------------------------------------------
+    async def completion_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "prompt is empty", "prompt")
+            return await asyncio.to_thread(self.tokenizer.encode, prompt)  # off the event loop
+        return list(prompt)
+
+    async def chat_prompt(self, caller: Caller, messages: list[dict[str, str]]) -> list[int]:
+        system = caller.system_prompt or self.system_prompt
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+        except InvalidRequestError as exc:
+            raise ApiError(400, exc.message, exc.param) from None
+
+    # ---- quotas ------------------------------------------------------------------------------
+    async def admit(self, caller: Caller, prompt_tokens: int, max_tokens: int) -> str:
+        admission = await self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens)
+        if not admission.admitted:
+            raise ApiError(429, admission.message, code="rate_limit_exceeded", retry_after_s=max(1, round(admission.retry_after_s)))
+        return admission.lease
+
+    def settle(self, lease: str, record: RequestRecord) -> None:
+        """Fire and forget: the ledger call must not hold up the response or a cancelled stream."""
+        ttft = record.first_token_at - record.arrived if record.first_token_at is not None else None
+        self.ledger.settle.remote(
+            lease, record.prompt_tokens, sum(record.completion_tokens.values()), self.model_name, record.endpoint,
+            record.status, ttft, record.gaps[-1000:],
+        )
+
+    # ---- generation --------------------------------------------------------------------------
+    async def open_choices(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int,
+                           chat: bool) -> Choices:
+        """Starts n generations; errors about the request (bad input, context too long, no
+        capacity) surface here, before any response is sent."""
+        streams = []
+        for i in range(n):
+            choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight)
+            streams.append(self.replica.options(stream=True).generate.remote(request))
+        firsts: list[RequestOutput] = []
+        try:
+            for stream in streams:
+                first = await anext(stream, None)
+                if isinstance(first, GenerateError):
+                    raise api_error_of(first)
+                if first is None:
+                    raise ApiError(503, "the attention replica ended the request without output; retry")
+                firsts.append(first)
+        except BackPressureError:
+            _cancel(streams)
+            raise ApiError(503, "the model is overloaded; retry shortly") from None
+        except ApiError:
+            _cancel(streams)
+            raise
+        except (ContextLengthError, InvalidRequestError) as exc:
+            _cancel(streams)
+            raise ApiError(400, exc.message, exc.param) from None
+        except Exception as exc:  # noqa: BLE001 - a replica died or was unreachable: retryable
+            _cancel(streams)
+            raise ApiError(503, f"the model is unavailable ({type(exc).__name__}); retry shortly") from None
+        return Choices(streams, firsts)
+
+
+def _cancel(streams) -> None:
+    for stream in streams:
+        stream.cancel()
+
+
+class Choices:
+    """n running generations, merged into one stream of (choice index, output)."""
+
+    def __init__(self, streams, firsts: list[RequestOutput]):
+        self._streams, self._firsts = streams, firsts
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, first in enumerate(self._firsts):
+            queue.put_nowait((i, first))
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which decides
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams) if not self._firsts[i].finished]
+        remaining = len(self._streams)
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if isinstance(item, GenerateError):
+                    raise api_error_of(item)
+                if isinstance(item, Exception):
+                    raise ApiError(503, f"generation failed ({type(item).__name__}); retry") from None
+                yield i, item
+                if item.finished:
+                    remaining -= 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            _cancel(self._streams)  # a client that left aborts every choice and frees its slots
+
+    def close(self) -> None:
+        _cancel(self._streams)
