@@ -1,0 +1,155 @@
+"""The HTTP front door for many tenants, through Ray Serve's real HTTP proxy on loopback:
+the official openai client unchanged, keys, quotas across 2 ingress replicas, error
+statuses, usage metering, metrics, and a client leaving mid-stream."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import openai
+import pytest
+import requests
+
+from mixserve import LLM, SamplingParams
+from mixserve.platform.tenants import GUARDRAIL_PROMPT, hash_key, new_key
+from tests.platform.test_serve_http import deploy, serve_http  # noqa: F401 - the shared Serve fixture
+
+KEYS = {name: new_key() for name in ("alpha", "beta", "limited", "other", "admin")}
+ENGINE = {"max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 64, "num_threads": 1}
+
+
+def tenant(name: str, **limits) -> dict:
+    return {"name": name, "key_sha256": [hash_key(KEYS[name])], **limits}
+
+
+TENANTS = [
+    tenant("alpha", weight=2.0),
+    tenant("beta", system_prompt="guardrail"),
+    tenant("limited", requests_per_min=3, tokens_per_min=400),
+    tenant("other", models=["some-other-model"]),
+    tenant("admin", admin=True),
+]
+
+
+@pytest.fixture(scope="module")
+def door(serve_http, mixtral_dir):  # noqa: F811
+    deploy(serve_http, mixtral_dir, attention={"engine": ENGINE}, http={"ingress_replicas": 2}, tenants=TENANTS)
+    return serve_http
+
+
+def client(url: str, who: str = "alpha") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS[who], max_retries=0, timeout=120)
+
+
+def metric(url: str, name: str) -> float:
+    text = requests.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=30).text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else float("nan")
+
+
+def test_the_openai_client_works_unchanged(door, mixtral_dir):
+    api = client(door)
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+    prompt = [1, 415, 2936, 9060]
+    expected = LLM(mixtral_dir, max_model_len=256).generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True))[0]
+
+    done = api.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    choice = done.choices[0]
+    assert choice.text == expected.text and choice.finish_reason == "length"
+    assert done.usage.prompt_tokens == 4 and done.usage.completion_tokens == 8
+    assert len(choice.logprobs.tokens) == 8
+    chosen = [lp[t] for lp, t in zip(expected.logprobs, expected.token_ids)]
+    assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, chosen)) < 1e-4
+    assert all(2 <= len(top) <= 3 for top in choice.logprobs.top_logprobs)
+
+    chunks = list(api.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == 8
+
+    chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=3, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: both choices agree
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens // 2
+    assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+    stream = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+                                         temperature=0, stream=True, stream_options={"include_usage": True})
+    parts = list(stream)
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content
+    assert parts[-1].usage.total_tokens == parts[-1].usage.prompt_tokens + parts[-1].usage.completion_tokens
+
+
+def test_a_tenant_system_prompt_is_used_when_the_request_brings_none(door):
+    beta = client(door, "beta").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    explicit = client(door).chat.completions.create(
+        model="tiny", max_tokens=1, messages=[{"role": "system", "content": GUARDRAIL_PROMPT}, {"role": "user", "content": "Hi"}])
+    plain = client(door).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    assert beta.usage.prompt_tokens == explicit.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def error_of(response: requests.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    return error
+
+
+def test_each_refusal_has_its_status_and_an_openai_error_body(door):
+    url = f"{door}/v1/completions"
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    assert error_of(requests.post(url, json=body, timeout=30), 401)["type"] == "authentication_error"
+    wrong = {"Authorization": "Bearer msk-not-a-key"}
+    assert error_of(requests.post(url, json=body, headers=wrong, timeout=30), 401)
+    other = {"Authorization": f"Bearer {KEYS['other']}"}
+    assert error_of(requests.post(url, json=body, headers=other, timeout=30), 403)["param"] == "model"
+    alpha = {"Authorization": f"Bearer {KEYS['alpha']}"}
+    assert error_of(requests.post(url, json={**body, "model": "nope"}, headers=alpha, timeout=30), 404)["param"] == "model"
+    too_long = {**body, "prompt": list(range(1, 200)), "max_tokens": 100}
+    assert error_of(requests.post(url, json=too_long, headers=alpha, timeout=30), 400)["code"] == "context_length_exceeded"
+    assert error_of(requests.post(url, json={**body, "n": 99}, headers=alpha, timeout=30), 400)["param"] == "n"
+    huge = {**body, "prompt": "x" * (2 << 20)}
+    assert error_of(requests.post(url, json=huge, headers=alpha, timeout=30), 413)
+    chat = {"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}
+    assert error_of(requests.post(f"{door}/v1/chat/completions", json=chat, headers=alpha, timeout=30), 400)
+    assert error_of(requests.get(f"{door}/v1/usage", headers=alpha, timeout=30), 403)
+    assert requests.get(f"{door}/health", timeout=30).status_code == 200  # no key needed
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{door}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_quotas_hold_across_two_ingress_replicas_and_usage_is_metered(door):
+    limited = {"Authorization": f"Bearer {KEYS['limited']}"}
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2}
+    statuses = [requests.post(f"{door}/v1/completions", json=body, headers=limited, timeout=60) for _ in range(5)]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429, 429]  # 3 per minute, whichever ingress
+    refused = statuses[3]
+    assert refused.json()["error"]["type"] == "rate_limit_error" and int(refused.headers["Retry-After"]) >= 1
+    usage = requests.get(f"{door}/v1/usage", headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=30).json()
+    assert usage["tenants"]["limited"]["requests"] == 3 and usage["tenants"]["limited"]["rejected"] == 2
+    assert usage["tenants"]["limited"]["completion_tokens"] == 6
+    with pytest.raises(openai.RateLimitError):
+        client(door, "limited").completions.create(model="tiny", prompt=[1, 2], max_tokens=1)
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot_within_a_second(door):
+    alpha = {"Authorization": f"Bearer {KEYS['alpha']}"}
+    deadline = time.monotonic() + 10
+    while metric(door, "mixserve_cache_slots_free") != ENGINE["max_num_seqs"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(door, "mixserve_cache_slots_free") == ENGINE["max_num_seqs"]
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with requests.post(f"{door}/v1/completions", json=body, headers=alpha, stream=True, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines)
+        time.sleep(0.6)  # let the replica report the running request
+        assert metric(door, "mixserve_cache_slots_free") == ENGINE["max_num_seqs"] - 1
+    left = time.monotonic()
+    while metric(door, "mixserve_cache_slots_free") != ENGINE["max_num_seqs"] and time.monotonic() - left < 5:
+        time.sleep(0.05)
+    assert time.monotonic() - left < 1.0 + 0.5  # freed within 1 s; the metric itself is refreshed every 0.5 s
+    assert 'mixserve_requests_total{endpoint="completions",model="tiny",status="client_closed",tenant="alpha"}' in \
+        requests.get(f"{door}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=30).text
