@@ -46,7 +46,10 @@ def build_app(config: DeploymentConfig) -> Application:
             connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport
         )
     tenants = [t.model_dump() for t in config.all_tenants()]
-    ledger = serve.deployment(TenantLedger, name="TenantLedger", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(tenants)
+    # One ledger for the cluster: every admission and settlement of every ingress goes through it.
+    ledger = serve.deployment(
+        TenantLedger, name="TenantLedger", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}
+    ).bind(tenants)
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",
@@ -55,7 +58,11 @@ def build_app(config: DeploymentConfig) -> Application:
         max_queued_requests=config.attention.max_queued_requests,
         ray_actor_options={"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica},
     ).bind(checkpoint, config.model.name, engine.model_dump(), router, connector, ledger, report_replica_stats)
-    return HttpIngress.options(num_replicas=config.http.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+    ingress = HttpIngress.options(
+        num_replicas=config.http.ingress_replicas, max_ongoing_requests=config.http.max_connections,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(
         replica, ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt, config.http.max_body_bytes,
     )
 

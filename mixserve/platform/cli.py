@@ -160,6 +160,21 @@ class _Parser(argparse.ArgumentParser):
         raise _Usage(message)
 
 
+def _cmd_keys_add(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from mixserve.platform.tenants import add_key
+
+    try:
+        key = add_key(ns.tenants, ns.tenant)
+    except ValidationError as exc:
+        raise _Usage(f"invalid tenant name {ns.tenant!r}: {exc.errors()[0]['msg']}") from None
+    # The key is shown this once; only its SHA-256 digest is stored.
+    print(key)
+    print(f"added a key for tenant {ns.tenant!r} to {ns.tenants} (only its hash is stored; keep the key safe)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixserve", description="Serve Mistral / Mixtral with experts disaggregated on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -197,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rebalance", help="replicate the hottest experts into spare shard slots now")
     rb.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
     rb.set_defaults(func=_cmd_rebalance)
+
+    keys = sub.add_parser("keys", help="manage tenants' API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    add = keys_sub.add_parser("add", help="create a key for TENANT: print it once, store only its hash")
+    add.add_argument("tenant", help="tenant name (created if new)")
+    add.add_argument("--tenants", default="tenants.yaml", help="tenants file to update (the config's tenants_file)")
+    add.set_defaults(func=_cmd_keys_add)
     return parser
 
 

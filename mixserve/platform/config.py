@@ -79,6 +79,9 @@ class HttpSection(_Strict):
     host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose the server.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port of the HTTP front door.")
     ingress_replicas: int = Field(1, ge=1, le=64, description="HTTP ingress replicas (quotas hold across all of them).")
+    max_connections: int = Field(
+        1024, ge=1, description="Requests each ingress replica handles at once (streams included); more queue at the proxy."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted; larger ones get 413.")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class Caller:
     admin: bool = False
     models: tuple[str, ...] | None = None
     system_prompt: str | None = None
+    limited: bool = False  # has any quota: admission must wait for the ledger's answer
 
 
 @dataclass
@@ -75,6 +77,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
     first_token_at: float | None = None
+    engine_ttft_s: float | None = None  # the replica's own arrival-to-first-token (no transport)
     last_token_at: dict[int, float] = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)
     status: str = "ok"
@@ -85,6 +88,7 @@ class RequestRecord:
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
+            self.engine_ttft_s = out.time_to_first_token_s
         if index in self.last_token_at:
             self.gaps.append((now - self.last_token_at[index]) / len(out.new_token_ids))
         self.last_token_at[index] = now
@@ -111,8 +115,9 @@ class FrontDoor:
         tenant = self.keys.lookup(key.strip()) if scheme.lower() == "bearer" else None
         if tenant is None:
             raise ApiError(401, "invalid API key")
+        limited = any(x is not None for x in (tenant.requests_per_min, tenant.tokens_per_min, tenant.max_concurrent))
         return Caller(tenant.name, tenant.weight, tenant.admin, tuple(tenant.models) if tenant.models is not None else None,
-                      tenant.resolved_system_prompt())
+                      tenant.resolved_system_prompt(), limited)
 
     def check_model(self, caller: Caller, model: str) -> None:
         if model != self.model_name:
@@ -142,7 +147,11 @@ class FrontDoor:
 
     # ---- quotas ------------------------------------------------------------------------------
     async def admit(self, caller: Caller, prompt_tokens: int, max_tokens: int) -> str:
-        admission = await self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens)
+        lease = f"lease-{uuid.uuid4().hex}"
+        if not caller.limited:  # nothing to refuse: meter it without a round trip on the request's path
+            self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens, lease)
+            return lease
+        admission = await self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens, lease)
         if not admission.admitted:
             raise ApiError(429, admission.message, code="rate_limit_exceeded", retry_after_s=max(1, round(admission.retry_after_s)))
         return admission.lease
@@ -152,18 +161,18 @@ class FrontDoor:
         ttft = record.first_token_at - record.arrived if record.first_token_at is not None else None
         self.ledger.settle.remote(
             lease, record.prompt_tokens, sum(record.completion_tokens.values()), self.model_name, record.endpoint,
-            record.status, ttft, record.gaps[-1000:],
+            record.status, ttft, record.gaps[-1000:], record.engine_ttft_s,
         )
 
     # ---- generation --------------------------------------------------------------------------
     async def open_choices(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int,
-                           chat: bool) -> Choices:
+                           chat: bool, stream: bool = True) -> Choices:
         """Starts n generations; errors about the request (bad input, context too long, no
         capacity) surface here, before any response is sent."""
         streams = []
         for i in range(n):
             choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight)
+            request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight, stream=stream)
             streams.append(self.replica.options(stream=True).generate.remote(request))
         firsts: list[RequestOutput] = []
         try:

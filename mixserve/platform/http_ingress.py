@@ -11,6 +11,7 @@ on the Serve-wrapped methods, or it reads the body as query parameters.
 """
 
 import json
+import sys
 import uuid
 from typing import Any
 
@@ -61,6 +62,9 @@ class HttpIngress:
                  system_prompt: str | None = None, max_body_bytes: int = 1 << 20):
         self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt)
         BodyLimit.max_bytes = max_body_bytes
+        # Serve runs this class on its own event-loop thread beside its system loop; a short GIL
+        # switch interval keeps one busy thread from making every other request wait 5 ms a turn.
+        sys.setswitchinterval(0.0005)
 
     def _caller(self, request: Request) -> Caller:
         return self.door.authenticate(request.headers.get("authorization"))
@@ -126,7 +130,7 @@ class HttpIngress:
         record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids))
         lease = await self.door.admit(caller, len(prompt_ids), params.max_tokens * body.n)
         try:
-            choices = await self.door.open_choices(caller, prompt_ids, params, body.n, chat)
+            choices = await self.door.open_choices(caller, prompt_ids, params, body.n, chat, stream=body.stream)
         except ApiError as err:
             record.status = str(err.status)
             self.door.settle(lease, record)

@@ -13,7 +13,9 @@ A lease that is never settled (its ingress replica died) expires after `lease_s`
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,17 @@ from mixserve.platform.tenants import Tenant
 WINDOW_S = 60.0
 REPLICA_STATS_STALE_S = 5.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _locked(method):
+    """Serve may run a deployment's sync methods on several threads: one at a time here."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -57,17 +70,25 @@ class TenantLedger:
         self._tenants = {t.name: t for t in (Tenant.model_validate(t) for t in tenants)}
         self._state: dict[str, _TenantState] = collections.defaultdict(_TenantState)
         self._leases: dict[str, _Lease] = {}
+        self._settled_early: set[str] = set()
         self._ids = itertools.count()
         self._lease_s = lease_s
         self._clock = clock
         self._replicas: dict[str, tuple[float, dict]] = {}
         self._registry = CollectorRegistry()
         self._define_metrics()
+        self._lock = threading.Lock()
 
     # ---- quotas ------------------------------------------------------------------------------
-    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int) -> Admission:
+    @_locked
+    def admit(self, tenant: str, prompt_tokens: int, max_tokens: int, lease: str | None = None) -> Admission:
+        """Checks the tenant's limits and opens a lease (`lease` names it; else one is made).
+        Ingresses send tenants without limits here without waiting for the answer."""
         now = self._clock()
         self._expire(now)
+        if lease is not None and lease in self._settled_early:
+            self._settled_early.discard(lease)  # its settle overtook it: nothing left to hold
+            return Admission(True, lease)
         state = self._state[tenant]
         limits = self._tenants.get(tenant)
         denial = self._check(limits, state, now, prompt_tokens + max_tokens) if limits else None
@@ -79,7 +100,7 @@ class TenantLedger:
         state.reserved += prompt_tokens + max_tokens
         state.in_flight += 1
         state.usage["requests"] += 1
-        lease = f"lease-{next(self._ids)}"
+        lease = lease or f"lease-{next(self._ids)}"
         self._leases[lease] = _Lease(tenant, now, prompt_tokens + max_tokens)
         self._m_in_flight.labels(tenant).set(state.in_flight)
         return Admission(True, lease)
@@ -104,11 +125,15 @@ class TenantLedger:
                                  "tokens per minute", retry_after_s=max(wait, 0.1))
         return None
 
+    @_locked
     def settle(self, lease: str, prompt_tokens: int, completion_tokens: int, model: str, endpoint: str,
-               status: str, ttft_s: float | None = None, inter_token_s: list[float] | None = None) -> None:
+               status: str, ttft_s: float | None = None, inter_token_s: list[float] | None = None,
+               engine_ttft_s: float | None = None) -> None:
         """Ends a lease with what the request really used, and records its metrics."""
         held = self._leases.pop(lease, None)
-        if held is None:  # expired, or settled twice: the quota side is already released
+        if held is None:  # expired, settled twice, or overtook its fire-and-forget admission
+            if len(self._settled_early) < 10_000:
+                self._settled_early.add(lease)
             return
         now = self._clock()
         state = self._state[held.tenant]
@@ -124,6 +149,8 @@ class TenantLedger:
         self._m_completion_tokens.labels(tenant).inc(completion_tokens)
         if ttft_s is not None:
             self._m_ttft.labels(tenant).observe(ttft_s)
+        if engine_ttft_s is not None:
+            self._m_engine_ttft.labels(tenant).observe(engine_ttft_s)
         for gap in inter_token_s or ():
             self._m_itl.labels(tenant).observe(gap)
 
@@ -141,14 +168,17 @@ class TenantLedger:
                 state.reserved -= held.reserved_tokens
 
     # ---- usage and metrics -------------------------------------------------------------------
+    @_locked
     def usage(self) -> dict[str, dict[str, int]]:
         self._expire(self._clock())
         return {name: {**s.usage, "in_flight": s.in_flight} for name, s in self._state.items()}
 
+    @_locked
     def replica_stats(self, replica: str, stats: dict) -> None:
         """An attention replica's latest queue figures (running, waiting, free slots)."""
         self._replicas[replica] = (self._clock(), dict(stats))
 
+    @_locked
     def metrics(self, shard_tokens: list[float] | None = None) -> bytes:
         """Prometheus text: the ledger's counters, the replicas' queues, the shards' load."""
         now = self._clock()
@@ -169,6 +199,9 @@ class TenantLedger:
         self._m_completion_tokens = Counter("mixserve_completion_tokens", "Tokens generated.", ["tenant"], registry=r)
         self._m_ttft = Histogram("mixserve_time_to_first_token_seconds", "Request arrival to first token.", ["tenant"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self._m_engine_ttft = Histogram("mixserve_engine_time_to_first_token_seconds",
+                                        "Arrival at the attention replica's engine to first token (queueing + prefill).",
+                                        ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
         self._m_itl = Histogram("mixserve_inter_token_latency_seconds", "Time between streamed tokens.", ["tenant"],
                                 buckets=LATENCY_BUCKETS, registry=r)
         self._m_in_flight = Gauge("mixserve_requests_in_flight", "Requests admitted and not yet ended.", ["tenant"], registry=r)

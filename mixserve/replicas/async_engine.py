@@ -1,8 +1,11 @@
-"""The engine behind asyncio: one thread steps the engine, callers await their own outputs.
+"""The engine behind asyncio: one thread owns and steps the engine, callers await their outputs.
 
 Why a thread and not the event loop: a step is a blocking burst of matmuls (milliseconds to
-a second); running it on the loop would stall every HTTP connection of the replica. The
-engine itself stays single-threaded: only the step thread and calls holding `_lock` touch it.
+a second); running it on the loop would stall every connection of the replica. Why an inbox
+and no lock: the loop must never wait for a step to end either. Callers post "add" and
+"abort" commands; the step thread applies them between steps (validation errors go back to
+the caller as its first item) and delivers outputs with call_soon_threadsafe. Only the step
+thread ever touches the engine.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator
 
-from mixserve.errors import MixserveError
+from mixserve.errors import InvalidRequestError, MixserveError
 from mixserve.replicas.engine import LLMEngine
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
@@ -29,11 +33,12 @@ class EngineStepError(MixserveError):
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._work = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopped = False
+        self._stats = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
         self._thread.start()
 
@@ -46,57 +51,85 @@ class AsyncEngine:
         tenant: str = "",
         weight: float = 1.0,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs as steps produce them. Invalid input raises before
-        anything is queued; leaving the iteration early (client gone) aborts the request."""
+        """Yields the request's outputs as steps produce them. Invalid input raises before any
+        output; leaving the iteration early (client gone) aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params, chat=chat, tenant=tenant, weight=weight)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._work.set()
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), outputs)
+        self._post(("add", request_id, prompt, params, chat, tenant, weight))
         try:
             while True:
-                item = await queue.get()
+                item = await outputs.get()
                 if isinstance(item, Exception):
                     raise item
                 yield item
                 if item.finished:
                     return
         finally:
-            with self._lock:
-                self._queues.pop(request_id, None)
-                self.engine.abort(request_id)  # no-op when it finished; frees the slot when it did not
+            self._queues.pop(request_id, None)
+            self._post(("abort", request_id))  # no-op when it finished; frees the slot when it did not
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "running": self.engine.num_running,
-                "waiting": self.engine.num_waiting,
-                "free_slots": self.engine.scheduler.slots.n_free,
-                "slots": self.engine.scheduler.slots.n_slots,
-            }
+        """Queue figures as of the last step (read without waiting for the step thread)."""
+        return dict(self._stats)
 
     def shutdown(self) -> None:
         self._stopped = True
         self._work.set()
         self._thread.join(timeout=10)
 
+    def _post(self, command: tuple) -> None:
+        self._inbox.put(command)
+        self._work.set()
+
     # ---- the step thread --------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped:
             self._work.wait()
-            with self._lock:
-                if not self.engine.has_unfinished():
-                    self._work.clear()
-                    continue
-                try:
-                    outputs = self.engine.step()
-                except Exception as exc:  # noqa: BLE001 - any failure ends the requests, never the thread
-                    log.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(EngineStepError(f"generation failed and can be retried: {exc}"))
-                    continue
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+            self._work.clear()  # cleared before draining: a command posted meanwhile sets it again
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._stats = self._read_stats()
+                continue
+            self._work.set()  # keep stepping while anything runs
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - any failure ends the requests, never the thread
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(EngineStepError(f"generation failed and can be retried: {exc}"))
+                continue
+            finally:
+                self._stats = self._read_stats()
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "abort":
+                self.engine.abort(command[1])
+                continue
+            _, request_id, prompt, params, chat, tenant, weight = command
+            if request_id not in self._queues:  # the caller left before its request got in
+                continue
+            try:
+                self.engine.add_request(request_id, prompt, params, chat=chat, tenant=tenant, weight=weight)
+            except Exception as exc:  # noqa: BLE001 - InvalidRequestError and kin: the caller's to raise
+                self._deliver(request_id, exc)
+
+    def _read_stats(self) -> dict[str, int]:
+        engine = self.engine
+        return {
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+            "free_slots": engine.scheduler.slots.n_free,
+            "slots": engine.scheduler.slots.n_slots,
+        }
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._queues):
@@ -106,5 +139,5 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item) -> None:
         target = self._queues.get(request_id)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop, outputs = target
+            loop.call_soon_threadsafe(outputs.put_nowait, item)

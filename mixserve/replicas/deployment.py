@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from mixserve.replicas.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 0.5
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass
@@ -40,6 +42,7 @@ class GenerateRequest:
     request_id: str | None = None
     tenant: str = ""  # for weighted fair scheduling across tenants
     weight: float = 1.0
+    stream: bool = True  # False: send only the first and the final output
 
 
 @dataclass
@@ -63,6 +66,9 @@ class AttentionReplica:
         stats_reporter: Callable[..., Awaitable[None]] | None = None,
     ):
         config = EngineConfig.model_validate(engine_config)
+        # The step thread holds the GIL for most of each step; with the default 5 ms switch
+        # interval every request arriving and every output leaving waits behind it (convoy).
+        sys.setswitchinterval(GIL_SWITCH_S)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         args = ModelArgs.from_folder(checkpoint)
@@ -92,15 +98,17 @@ class AttentionReplica:
             outputs = self.engine.generate(
                 request.prompt, request.params, request.chat, request.request_id, request.tenant, request.weight
             )
+            first = True
             async for out in outputs:
-                yield out
+                # A client that does not stream needs the first output (it proves admission)
+                # and the last; skipping the rest saves a message per token per request.
+                if request.stream or first or out.finished:
+                    yield out
+                first = False
         except InvalidRequestError as exc:
             yield GenerateError("invalid_request", exc.message, exc.param)
         except MixserveError as exc:
             yield GenerateError("unavailable", str(exc))
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.engine.engine.tokenizer.encode_chat(messages)
 
     def stats(self) -> dict:
         return {"model": self.model_name, **self.engine.stats()}

@@ -191,7 +191,7 @@ class LLMEngine:
             rows[wants_lp], [new_tokens[i] for i in wants_lp], [seqs[i].params.logprobs for i in wants_lp]
         ) if wants_lp else []
         prompt_lps = [
-            self._prompt_logprobs(c, logits[first:end]) if c.seq.prompt_logprobs is not None and c.seq.in_prefill else []
+            self._prompt_logprobs(c, logits[first:end]) if c.seq.wants_prompt_logprobs and c.seq.in_prefill else []
             for c, (first, end) in zip(chunks, row_spans)
         ]
 
@@ -221,7 +221,7 @@ class LLMEngine:
             tokens.extend(seq.next_input(chunk.length))
             seq_chunks.append(SequenceChunk(seq.slot, seq.num_computed, chunk.length))
             first = len(logit_rows)
-            if seq.prompt_logprobs is not None and seq.in_prefill:
+            if seq.wants_prompt_logprobs and seq.in_prefill:
                 logit_rows.extend(range(offset, offset + chunk.length))
             elif chunk.completes_prompt:
                 logit_rows.append(offset + chunk.length - 1)
@@ -245,6 +245,8 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         params = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
         seq.output_ids.append(token)
         stop_token = token in params.stop_token_ids or (token == self.args.eos_token_id and not params.ignore_eos)
         if not stop_token:

@@ -21,13 +21,18 @@ class FairQueue:
         self._virtual: dict[str, float] = {}  # tenant -> tokens scheduled / weight
 
     # ---- the waiting requests ----------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queues seq last in its tenant's line (first when it was preempted: it goes back in
+        before its tenant's newer requests)."""
         tenant = seq.tenant
         if tenant not in self._queues:
             self._queues[tenant] = deque()
             floor = min(self._virtual.values(), default=0.0)
             self._virtual[tenant] = max(self._virtual.get(tenant, 0.0), floor)
-        self._queues[tenant].append(seq)
+        if front:
+            self._queues[tenant].appendleft(seq)
+        else:
+            self._queues[tenant].append(seq)
 
     def remove(self, seq: Sequence) -> None:
         queue = self._queues[seq.tenant]

@@ -42,7 +42,7 @@ class ScheduledChunk:
     @property
     def completes_prompt(self) -> bool:
         """After this chunk the sequence has computed its whole input and samples a token."""
-        return self.seq.num_computed + self.length >= self.seq.prompt_len
+        return self.seq.num_computed + self.length >= self.seq.prefill_until
 
 
 class Scheduler:
@@ -64,12 +64,13 @@ class Scheduler:
         """The next step's chunks, single-token chunks first (they share the batched decode path)."""
         fair = self.waiting
         fair.forget_idle({seq.tenant for seq in self.running})
+        self._preempt_over_share()
         decodes = [ScheduledChunk(seq, 1) for seq in self.running if not seq.in_prefill]
         budget = self.token_budget - len(decodes)  # the budget is >= n_slots, so decodes always fit
         prefills: list[ScheduledChunk] = []
         for seq in sorted((s for s in self.running if s.in_prefill), key=fair.virtual_time):
             if budget > 0:
-                length = min(self.chunk_size, seq.prompt_len - seq.num_computed, budget)
+                length = min(self.chunk_size, seq.prefill_until - seq.num_computed, budget)
                 (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
                 budget -= length
         while self.waiting and self.slots.n_free and budget > 0:
@@ -77,12 +78,40 @@ class Scheduler:
             seq.slot = self.slots.take()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            length = min(self.chunk_size, seq.prompt_len, budget)
+            length = min(self.chunk_size, seq.prefill_until, budget)
             (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
             budget -= length
         for chunk in decodes + prefills:
             fair.charge(chunk.seq, chunk.length)
         return decodes + prefills
+
+    def _preempt_over_share(self) -> None:
+        """Work-conserving fairness for cache slots: a tenant may hold more than its weighted
+        share of the slots while nobody else waits; when a tenant below its share waits and no
+        slot is free, the over-share tenant's newest sequence is preempted (recomputed later).
+        Both sides keep a margin (the taker stays within its share, the giver at or above it),
+        so two tenants never take a slot back and forth."""
+        while self.waiting and not self.slots.n_free:
+            running: dict[str, list[Sequence]] = {}
+            weights: dict[str, float] = {}
+            for seq in [*self.running, *self.waiting]:
+                weights[seq.tenant] = seq.weight
+            for seq in self.running:
+                running.setdefault(seq.tenant, []).append(seq)
+            total = sum(weights.values())
+            share = {t: self.slots.n_slots * w / total for t, w in weights.items()}
+            takers = [t for t in {s.tenant for s in self.waiting} if len(running.get(t, [])) + 1 <= share[t]]
+            givers = [t for t, seqs in running.items() if len(seqs) - 1 >= share[t] and t not in takers]
+            if not takers or not givers:
+                return
+            giver = max(givers, key=lambda t: len(running[t]) / share[t])
+            victim = max(running[giver], key=lambda s: s.arrival)  # the newest: least work lost
+            self.running.remove(victim)
+            self.slots.give_back(victim.slot)
+            victim.slot = None
+            victim.status = Status.WAITING
+            victim.preempt()
+            self.waiting.add(victim, front=True)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence and frees its slot at once (finish, stop, abort alike)."""

@@ -34,6 +34,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: list[Logprobs] | None
     prompt_logprobs: list[Logprobs | None] | None
+    time_to_first_token_s: float | None = None  # in the engine: arrival to first token (queueing + prefill)
 
 
 @dataclass(eq=False)
@@ -50,6 +51,8 @@ class Sequence:
     slot: int | None = None
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are already in the cache
+    prefill_until: int = 0  # tokens to compute in prefill mode: the prompt, or everything known after a preemption
+    first_token_at: float | None = None  # time.monotonic() when the first output token was sampled
     text: str = ""
     emitted_text_len: int = 0
     emitted_tokens: int = 0
@@ -58,6 +61,7 @@ class Sequence:
     prompt_logprobs: list[Logprobs | None] | None = None
 
     def __post_init__(self) -> None:
+        self.prefill_until = self.prefill_until or len(self.prompt_ids)
         if self.params.logprobs is not None:
             self.logprobs = []
         if self.params.prompt_logprobs is not None:
@@ -69,7 +73,18 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
+        return self.num_computed < self.prefill_until
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt log-probs still to compute (never again when a preempted sequence recomputes)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    def preempt(self) -> None:
+        """Drops the cache: everything known so far is recomputed as a prefill when it runs again,
+        and the chunk that completes it samples the next token, as a decode step would have."""
+        self.prefill_until = self.prompt_len + len(self.output_ids)
+        self.num_computed = 0
 
     def token_at(self, position: int) -> int:
         return self.prompt_ids[position] if position < self.prompt_len else self.output_ids[position - self.prompt_len]
@@ -100,4 +115,5 @@ class Sequence:
             finish_reason=self.finish_reason,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
         )

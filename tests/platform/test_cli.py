@@ -59,3 +59,20 @@ def test_init_checkpoint_refuses_to_overwrite_without_force(tmp_path):
     result = mixserve("init-checkpoint", str(tmp_path), "--preset", "tiny-mistral")
     assert result.returncode == 2 and "--force" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
+    from mixserve.platform.tenants import KeyRing, hash_key, load_tenants
+
+    path = tmp_path / "tenants.yaml"
+    first = mixserve("keys", "add", "acme", "--tenants", str(path))
+    second = mixserve("keys", "add", "acme", "--tenants", str(path))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr
+    key1, key2 = first.stdout.strip(), second.stdout.strip()
+    assert key1.startswith("msk-") and key1 != key2
+    stored = path.read_text()
+    assert key1 not in stored and key2 not in stored and hash_key(key1) in stored
+    ring = KeyRing(load_tenants(path))
+    assert ring.lookup(key1).name == ring.lookup(key2).name == "acme" and ring.lookup("msk-other") is None
+    bad = mixserve("keys", "add", "bad name!", "--tenants", str(path))
+    assert bad.returncode == 2 and "invalid tenant name" in bad.stderr

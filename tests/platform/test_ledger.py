@@ -73,3 +73,11 @@ def test_unknown_tenants_are_unlimited_and_metrics_are_prometheus_text():
     assert 'mixserve_inter_token_latency_seconds_count{tenant="t"} 2.0' in text
     assert "mixserve_queue_waiting 2.0" in text and "mixserve_cache_slots_free 29.0" in text
     assert 'mixserve_expert_shard_tokens{shard="1"} 30.0' in text
+
+
+def test_a_settle_that_overtakes_its_admission_leaves_nothing_held():
+    led, _ = ledger(max_concurrent=1)
+    led.settle("lease-x", 1, 1, "m", "completions", "ok")
+    assert led.admit("t", 1, 1, lease="lease-x").admitted
+    assert led.admit("t", 1, 1).admitted  # the concurrency slot is free
+    assert led.usage()["t"]["in_flight"] == 1
