@@ -15,7 +15,7 @@ $(BIN)/mixserve: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install serve test demo-checkpoint
+.PHONY: install serve test demo-checkpoint protos
 install: $(BIN)/mixserve
 
 $(CHECKPOINT)/config.json: | $(BIN)/mixserve
@@ -28,3 +28,10 @@ serve: $(BIN)/mixserve $(CHECKPOINT)/config.json
 
 test: $(BIN)/mixserve
 	$(BIN)/python -m pytest -q tests
+
+# Regenerates the gRPC modules from mixserve/platform/grpc_api/mixserve_v1.proto (generated code is
+# committed, so serving needs no protoc). Needs grpcio-tools, a development tool only.
+protos: $(BIN)/mixserve
+	$(BIN)/pip install -q grpcio-tools
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
+		mixserve/platform/grpc_api/mixserve_v1.proto

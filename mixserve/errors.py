@@ -18,6 +18,9 @@ class InvalidRequestError(MixserveError, ValueError):
         self.message = message
         self.param = param
 
+    def __reduce__(self):  # crosses process boundaries with its param (Ray pickles errors)
+        return type(self), (self.message, self.param)
+
 
 class ContextLengthError(InvalidRequestError):
     """The prompt plus max_tokens does not fit in the model's context."""

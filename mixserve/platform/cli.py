@@ -75,10 +75,12 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     config = DeploymentConfig.from_yaml(ns.config)
     app = build_app(config)  # checks the config against the checkpoint before anything starts
+    config.serve_start_options()  # and the proxies' settings
     ray.init(address=ns.address, include_dashboard=False, logging_level="WARNING")
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(**config.serve_start_options())
     serve.run(app, name=APP_NAME, route_prefix="/")
-    print(f"mixserve: serving {config.model.name} at http://{config.http.host}:{config.http.port}/v1 "
+    grpc_note = f", gRPC on port {config.grpc.port}" if config.grpc.port else ""
+    print(f"mixserve: serving {config.model.name} at http://{config.http.host}:{config.http.port}/v1{grpc_note} "
           f"({config.attention.replicas} attention replicas, {config.experts.shards or 'in-process'} expert shards)",
           flush=True)
     if ns.detach:

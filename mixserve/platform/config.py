@@ -85,17 +85,40 @@ class HttpSection(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted; larger ones get 413.")
 
 
+class GrpcSection(_Strict):
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of the gRPC front door (mixserve.v1, server reflection on); omitted = no gRPC. Ray Serve's "
+        "gRPC proxy listens on all interfaces, so enabling it requires tenants (API keys).",
+    )
+
+
 class DeploymentConfig(_Strict):
     model: ModelSection = Field(..., description="What to serve and where its weights are.")
     attention: AttentionSection = Field(default_factory=AttentionSection, description="The attention side.")
     experts: ExpertsSection = Field(default_factory=ExpertsSection, description="The expert side.")
     http: HttpSection = Field(default_factory=HttpSection, description="The HTTP front door.")
+    grpc: GrpcSection = Field(default_factory=GrpcSection, description="The gRPC front door.")
     tenants: list[Tenant] = Field(
         default_factory=list, description="Tenants, their hashed API keys and limits. None at all = no key needed (loopback demos).",
     )
     tenants_file: str | None = Field(
         None, description="A YAML file with more tenants (`tenants: [...]`), as `mixserve keys add` writes it.",
     )
+
+    def serve_start_options(self) -> dict:
+        """serve.start() arguments for the proxies this config asks for."""
+        options: dict = {"http_options": {"host": self.http.host, "port": self.http.port}}
+        if self.grpc.port is not None:
+            if not self.all_tenants():
+                raise ConfigError(
+                    "grpc.port is set but no tenants are configured: Ray Serve's gRPC proxy listens on all "
+                    "interfaces, so mixserve only enables it when API keys are required"
+                )
+            from mixserve.platform.grpc_ingress import SERVICER_FUNCTION
+
+            options["grpc_options"] = {"port": self.grpc.port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+        return options
 
     def all_tenants(self) -> list[Tenant]:
         """Tenants from the config and from tenants_file; raises ConfigError on a bad file."""

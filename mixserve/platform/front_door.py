@@ -43,6 +43,9 @@ class ApiError(MixserveError):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after_s = retry_after_s if retry_after_s is not None else (RETRY_AFTER_S if status in (429, 503) else None)
 
+    def __reduce__(self):  # crosses process boundaries intact (Ray pickles errors with their args)
+        return type(self), (self.status, self.message, self.param, self.code, self.retry_after_s)
+
     @property
     def kind(self) -> str:
         return ERROR_TYPES.get(self.status, "server_error")
@@ -165,6 +168,19 @@ class FrontDoor:
         )
 
     # ---- generation --------------------------------------------------------------------------
+    async def start(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int, chat: bool,
+                    stream: bool, endpoint: str) -> Run:
+        """Admits the request and opens its n choices; refusals raise ApiError before any output."""
+        record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids))
+        lease = await self.admit(caller, len(prompt_ids), params.max_tokens * n)
+        try:
+            choices = await self.open_choices(caller, prompt_ids, params, n, chat, stream)
+        except ApiError as err:
+            record.status = str(err.status)
+            self.settle(lease, record)
+            raise
+        return Run(self, lease, record, choices)
+
     async def open_choices(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int,
                            chat: bool, stream: bool = True) -> Choices:
         """Starts n generations; errors about the request (bad input, context too long, no
@@ -196,6 +212,33 @@ class FrontDoor:
             _cancel(streams)
             raise ApiError(503, f"the model is unavailable ({type(exc).__name__}); retry shortly") from None
         return Choices(streams, firsts)
+
+
+class Run:
+    """One admitted request: its merged outputs, and its settlement (exactly once)."""
+
+    def __init__(self, door: FrontDoor, lease: str, record: RequestRecord, choices: Choices):
+        self.door, self.lease, self.record, self.choices = door, lease, record, choices
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        try:
+            async for i, out in self.choices.events():
+                self.record.saw(i, out)
+                yield i, out
+        except ApiError as err:
+            self.record.status = str(err.status)
+            raise
+
+    def close(self, status: str | None = None) -> None:
+        """Aborts whatever still runs (a client that left frees its slots at once) and settles."""
+        if self._closed:
+            return
+        self._closed = True
+        if status is not None and self.record.status == "ok":
+            self.record.status = status
+        self.choices.close()
+        self.door.settle(self.lease, self.record)
 
 
 def _cancel(streams) -> None:

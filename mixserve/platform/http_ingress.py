@@ -22,7 +22,8 @@ from ray import serve
 
 from mixserve.errors import InvalidRequestError
 from mixserve.platform.body_limit import BodyLimit
-from mixserve.platform.front_door import ApiError, Caller, FrontDoor, RequestRecord
+from mixserve.platform.front_door import ApiError, Caller, FrontDoor, Run
+from mixserve.platform.grpc_ingress import GrpcMethods
 from mixserve.platform.openai_api import ChatCompletionRequest, CompletionRequest
 from mixserve.platform.openai_shapes import ChatShape, CompletionShape
 
@@ -57,7 +58,7 @@ def sse(data: dict | str) -> str:
 
 @serve.deployment
 @serve.ingress(app)
-class HttpIngress:
+class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy calls the ingress by method name
     def __init__(self, replica, ledger, router, model_name: str, checkpoint: str, tenants: list[dict],
                  system_prompt: str | None = None, max_body_bytes: int = 1 << 20):
         self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt)
@@ -127,47 +128,35 @@ class HttpIngress:
             raise ApiError(400, exc.message, exc.param) from None
 
     async def _generate(self, caller: Caller, body, params, prompt_ids: list[int], chat: bool, endpoint: str):
-        record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids))
-        lease = await self.door.admit(caller, len(prompt_ids), params.max_tokens * body.n)
-        try:
-            choices = await self.door.open_choices(caller, prompt_ids, params, body.n, chat, stream=body.stream)
-        except ApiError as err:
-            record.status = str(err.status)
-            self.door.settle(lease, record)
-            raise
+        run = await self.door.start(caller, prompt_ids, params, body.n, chat, body.stream, endpoint)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
         if body.stream:
-            return StreamingResponse(self._stream(choices, shape, record, lease, body), media_type="text/event-stream")
+            return StreamingResponse(self._stream(run, shape, body), media_type="text/event-stream")
         finals: dict[int, Any] = {}
         try:
-            async for i, out in choices.events():
-                record.saw(i, out)
+            async for i, out in run.events():
                 if out.finished:
                     finals[i] = out
-        except ApiError as err:
-            record.status = str(err.status)
+        except BaseException:
+            run.close("client_closed")
             raise
         finally:
-            choices.close()
-            self.door.settle(lease, record)
-        return shape.whole([finals[i] for i in range(body.n)], record)
+            run.close()
+        return shape.whole([finals[i] for i in range(body.n)], run.record)
 
-    async def _stream(self, choices, shape, record: RequestRecord, lease: str, body):
+    async def _stream(self, run: Run, shape, body):
         try:
-            async for i, out in choices.events():
-                record.saw(i, out)
+            async for i, out in run.events():
                 for chunk in shape.chunks(i, out):
                     yield sse(chunk)
             if body.include_usage:
-                yield sse(shape.usage_chunk(record))
+                yield sse(shape.usage_chunk(run.record))
         except ApiError as err:
-            record.status = str(err.status)
             yield sse(err.body())
         except BaseException:
-            record.status = "client_closed"  # the client left: choices.events() aborted every choice
+            run.close("client_closed")  # the client left: every choice aborts and frees its slot
             raise
         finally:
-            choices.close()  # also when the client left mid-stream: every choice aborts, slots free
-            self.door.settle(lease, record)
+            run.close()
         yield sse("[DONE]")
