@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,19 +142,13 @@ def replicate_hottest(topo: Topology, expert_tokens: list[int]) -> Placement:
 def skewed_checkpoint(base: str) -> Path:
     """The demo checkpoint with every gate favouring HOT_EXPERT (about half the tokens pick it first)."""
     from mixserve.model.presets import preset
-    from mixserve.platform.demo_checkpoint import random_hf_tensors, write_checkpoint
+    from mixserve.platform.demo_checkpoint import favour_expert, random_hf_tensors, write_checkpoint
 
     folder = ROOT / "checkpoints" / f"{base}-skewed"
     if (folder / "config.json").is_file():
         return folder
     args = preset(base)
-    tensors = random_hf_tensors(args, seed=0)
-    gen = torch.Generator().manual_seed(5)
-    for layer in range(args.n_layers):
-        gate = tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
-        gate.mul_(0.01)
-        gate[HOT_EXPERT] = torch.randn(args.dim, generator=gen)
-    return write_checkpoint(folder, args, tensors=tensors)
+    return write_checkpoint(folder, args, tensors=favour_expert(random_hf_tensors(args, seed=0), args, HOT_EXPERT))
 
 
 def main() -> None:

@@ -35,6 +35,17 @@ def random_hf_tensors(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]
     return tensors
 
 
+def favour_expert(tensors: dict[str, torch.Tensor], args: ModelArgs, hot: int, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Skews every MoE gate toward expert `hot` (in place): the other rows shrink 100x, so about
+    half the tokens pick `hot` first. Load-balancing tests and benchmarks use it."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(args.n_layers):
+        gate = tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        gate.mul_(0.01)
+        gate[hot] = torch.randn(args.dim, generator=gen)
+    return tensors
+
+
 def write_checkpoint(
     folder: str | Path,
     args: ModelArgs,

@@ -6,11 +6,10 @@ import time
 
 import pytest
 import requests
-import torch
 
 from mixserve.platform.app import APP_NAME, build_app
 from mixserve.platform.config import DeploymentConfig
-from mixserve.platform.demo_checkpoint import random_hf_tensors, write_checkpoint
+from mixserve.platform.demo_checkpoint import favour_expert, random_hf_tensors, write_checkpoint
 from tests.conftest import SMALL_MIXTRAL
 from tests.platform.test_serve_http import serve_http  # noqa: F401 - the shared Serve fixture
 
@@ -21,12 +20,7 @@ HOT = 3
 def skewed_dir(tmp_path_factory):
     """Every layer's gate is near zero except expert 3's row: about half the tokens pick expert 3
     first, so the shard holding it carries far more than the mean."""
-    tensors = random_hf_tensors(SMALL_MIXTRAL, seed=21)
-    gen = torch.Generator().manual_seed(5)
-    for layer in range(SMALL_MIXTRAL.n_layers):
-        gate = tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
-        gate.mul_(0.01)
-        gate[HOT] = torch.randn(SMALL_MIXTRAL.dim, generator=gen)
+    tensors = favour_expert(random_hf_tensors(SMALL_MIXTRAL, seed=21), SMALL_MIXTRAL, HOT)
     return write_checkpoint(tmp_path_factory.mktemp("skewed"), SMALL_MIXTRAL, tensors=tensors)
 
 
