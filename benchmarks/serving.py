@@ -146,7 +146,7 @@ def serve_vllm(python: Path, folder: Path, port: int, bind: str) -> subprocess.P
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": "2"}
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "1024", "--max-num-seqs", "32", "--disable-log-requests"]
+           "--max-model-len", "1024", "--max-num-seqs", "32", "--no-enable-log-requests"]
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 

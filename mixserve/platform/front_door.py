@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
 from mixserve.platform.openai_api import TokenText
 from mixserve.platform.tenants import KeyRing, Tenant, resolve_system_prompt
+from mixserve.replicas.async_engine import merge_outputs
 from mixserve.replicas.deployment import GenerateError, GenerateRequest
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
@@ -186,12 +187,12 @@ class FrontDoor:
         """Starts n generations; errors about the request (bad input, context too long, no
         capacity) surface here, before any response is sent."""
         streams = []
-        for i in range(n):
-            choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight, stream=stream)
-            streams.append(self.replica.options(stream=True).generate.remote(request))
         firsts: list[RequestOutput] = []
         try:
+            for i in range(n):
+                choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight, stream=stream)
+                streams.append(self.replica.options(stream=True).generate.remote(request))
             for stream in streams:
                 first = await anext(stream, None)
                 if isinstance(first, GenerateError):
@@ -199,19 +200,21 @@ class FrontDoor:
                 if first is None:
                     raise ApiError(503, "the attention replica ended the request without output; retry")
                 firsts.append(first)
-        except BackPressureError:
-            _cancel(streams)
-            raise ApiError(503, "the model is overloaded; retry shortly") from None
         except ApiError:
             _cancel(streams)
             raise
-        except (ContextLengthError, InvalidRequestError) as exc:
+        except Exception as exc:  # noqa: BLE001 - mapped to an ApiError
             _cancel(streams)
-            raise ApiError(400, exc.message, exc.param) from None
-        except Exception as exc:  # noqa: BLE001 - a replica died or was unreachable: retryable
-            _cancel(streams)
-            raise ApiError(503, f"the model is unavailable ({type(exc).__name__}); retry shortly") from None
+            raise _api_error_for(exc) from None
         return Choices(streams, firsts)
+
+
+def _api_error_for(exc: Exception) -> ApiError:
+    if isinstance(exc, BackPressureError):
+        return ApiError(503, "the model is overloaded; retry shortly")
+    if isinstance(exc, InvalidRequestError):  # ContextLengthError included
+        return ApiError(400, exc.message, exc.param, "context_length_exceeded" if isinstance(exc, ContextLengthError) else None)
+    return ApiError(503, f"the model is unavailable ({type(exc).__name__}); retry shortly")  # a replica died: retryable
 
 
 class Run:
@@ -243,7 +246,10 @@ class Run:
 
 def _cancel(streams) -> None:
     for stream in streams:
-        stream.cancel()
+        try:
+            stream.cancel()
+        except Exception:  # noqa: BLE001 - cancelling a call that already failed re-raises its error: it is over anyway
+            pass
 
 
 class Choices:
@@ -266,9 +272,18 @@ class Choices:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams) if not self._firsts[i].finished]
         remaining = len(self._streams)
+        held: list[tuple[int, object]] = []  # read while coalescing, served next
         try:
             while remaining:
-                i, item = await queue.get()
+                i, item = held.pop(0) if held else await queue.get()
+                # Outputs that piled up for this choice go out as one chunk (deltas joined).
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    j, following = queue.get_nowait()
+                    if j == i and isinstance(following, RequestOutput):
+                        item = merge_outputs(item, following)
+                    else:
+                        held.append((j, following))
+                        break
                 if isinstance(item, GenerateError):
                     raise api_error_of(item)
                 if isinstance(item, Exception):

@@ -11,6 +11,7 @@ thread ever touches the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 class EngineStepError(MixserveError):
     """A step failed (an expert shard died, say): every request in flight ends with this.
     Retryable: a new request runs on the recovered topology."""
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of the same request."""
+    return dataclasses.replace(
+        later,
+        new_text=earlier.new_text + later.new_text,
+        new_token_ids=earlier.new_token_ids + later.new_token_ids,
+        time_to_first_token_s=earlier.time_to_first_token_s if earlier.time_to_first_token_s is not None
+        else later.time_to_first_token_s,
+    )
 
 
 class AsyncEngine:
@@ -59,9 +71,19 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), outputs)
         self._post(("add", request_id, prompt, params, chat, tenant, weight))
+        held = None  # an item read while coalescing, served next
         try:
             while True:
-                item = await outputs.get()
+                item = held if held is not None else await outputs.get()
+                held = None
+                # A consumer slower than the steps finds several outputs waiting: send them as one
+                # (deltas joined), so a loaded replica sends fewer, larger messages, not a backlog.
+                while not isinstance(item, Exception) and not item.finished and not outputs.empty():
+                    following = outputs.get_nowait()
+                    if isinstance(following, Exception):
+                        held = following
+                        break
+                    item = merge_outputs(item, following)
                 if isinstance(item, Exception):
                     raise item
                 yield item

@@ -15,7 +15,7 @@ from mixserve import LLM, SamplingParams
 from mixserve.platform.tenants import GUARDRAIL_PROMPT, hash_key, new_key
 from tests.platform.test_serve_http import deploy, serve_http  # noqa: F401 - the shared Serve fixture
 
-KEYS = {name: new_key() for name in ("alpha", "beta", "limited", "other", "admin", "flood", "calm")}
+KEYS = {name: new_key() for name in ("alpha", "beta", "limited", "other", "admin", "flood", "calm", "single", "frugal")}
 ENGINE = {"max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 64, "num_threads": 1}
 
 
@@ -31,6 +31,8 @@ TENANTS = [
     tenant("admin", admin=True),
     tenant("flood"),
     tenant("calm"),
+    tenant("single", max_concurrent=1),
+    tenant("frugal", tokens_per_min=60),
 ]
 
 
@@ -135,6 +137,32 @@ def test_quotas_hold_across_two_ingress_replicas_and_usage_is_metered(door):
     assert usage["tenants"]["limited"]["completion_tokens"] == 6
     with pytest.raises(openai.RateLimitError):
         client(door, "limited").completions.create(model="tiny", prompt=[1, 2], max_tokens=1)
+
+
+def test_concurrency_and_tokens_per_minute_hold_across_the_ingress_replicas(door):
+    single = {"Authorization": f"Bearer {KEYS['single']}"}
+    long = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 150, "ignore_eos": True, "stream": True}
+    with requests.post(f"{door}/v1/completions", json=long, headers=single, stream=True, timeout=60) as first:
+        lines = first.iter_lines()  # kept: dropping the iterator closes the connection (a disconnect)
+        next(lines)  # in flight now
+        second = [requests.post(f"{door}/v1/completions", json={**long, "stream": False}, headers=single, timeout=60)
+                  for _ in range(4)]  # whichever ingress replica each lands on
+        assert all(r.status_code == 429 and "in flight" in r.json()["error"]["message"] for r in second), [r.text for r in second]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the first one settled: the tenant may send again
+        again = requests.post(f"{door}/v1/completions", json={"model": "tiny", "prompt": [1, 2], "max_tokens": 1},
+                              headers=single, timeout=60)
+        if again.status_code == 200:
+            break
+        time.sleep(0.2)
+    assert again.status_code == 200
+
+    frugal = {"Authorization": f"Bearer {KEYS['frugal']}"}
+    body = {"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 20}
+    statuses = [requests.post(f"{door}/v1/completions", json=body, headers=frugal, timeout=60).status_code for _ in range(4)]
+    assert statuses[:2] == [200, 200] and statuses[2:] == [429, 429]  # 2 x (4 + 20) fit in 60 tokens/min, a 3rd not
+    too_big = requests.post(f"{door}/v1/completions", json={**body, "max_tokens": 100}, headers=frugal, timeout=60)
+    assert too_big.status_code == 429 and "lower max_tokens" in too_big.json()["error"]["message"]
 
 
 def test_a_client_leaving_mid_stream_frees_its_slot_within_a_second(door):

@@ -137,3 +137,19 @@ def test_config_errors_name_the_field(tmp_path, mixtral_dir, mistral_dir):
     path.write_text("[not, a, mapping]")
     with pytest.raises(ConfigError, match="mapping"):
         DeploymentConfig.from_yaml(path)
+
+
+def test_overload_gets_503_with_retry_after_and_the_server_recovers(serve_http, mixtral_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # 1 slot: the replica takes 4 requests at once (4 x max_num_seqs) and queues 1 more; the rest bounce.
+    deploy(serve_http, mixtral_dir, attention={"engine": {"max_model_len": 256, "max_num_seqs": 1, "num_threads": 1},
+                                               "max_queued_requests": 1})
+    body = {"prompt": [1, 2, 3], "max_tokens": 40, "ignore_eos": True}
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda _: complete(serve_http, **body), range(12)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 503}, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.json()["error"]["type"] == "service_unavailable" and int(refused.headers["Retry-After"]) >= 1
+    assert complete(serve_http, prompt=[1, 2], max_tokens=2).status_code == 200
