@@ -52,6 +52,19 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 app.add_middleware(BodyLimit)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends. Starlette abandons the generator
+    when a client disconnects while a chunk is being sent; its cleanup (abort the choices,
+    settle the lease) would then wait for garbage collection, and a tenant's concurrency slot
+    with it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -132,7 +145,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
         if body.stream:
-            return StreamingResponse(self._stream(run, shape, body), media_type="text/event-stream")
+            return ClosingStreamingResponse(self._stream(run, shape, body), media_type="text/event-stream")
         finals: dict[int, Any] = {}
         try:
             async for i, out in run.events():
