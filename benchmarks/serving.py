@@ -130,11 +130,12 @@ def run_load(url: str, model: str, load: Load, name: str) -> Figures:
     return fig
 
 
-def serve_mixserve(folder: Path, port: int) -> subprocess.Popen:
+def serve_mixserve(folder: Path, port: int, threads: int | None) -> subprocess.Popen:
     config = ROOT / "benchmarks" / ".serving-mixserve.yaml"
+    threads_field = f", num_threads: {threads}" if threads else ""
     config.write_text(
         f"model: {{name: {MODEL}, source: {folder}}}\n"
-        "attention: {replicas: 1, cpus_per_replica: 1, engine: {max_model_len: 1024, max_num_seqs: 32}}\n"
+        f"attention: {{replicas: 1, cpus_per_replica: 1, engine: {{max_model_len: 1024, max_num_seqs: 32{threads_field}}}}}\n"
         "experts: {shards: 0}\n"
         f"http: {{host: 127.0.0.1, port: {port}}}\n"
     )
@@ -184,12 +185,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON)
     parser.add_argument("--vllm-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND for the peer")
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="torch threads of mixserve's attention replica (default: torch's choice)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ns = parser.parse_args()
     load = Load(ns.concurrency, ns.requests, ns.prompt_len, ns.max_tokens)
     folder = ensure_checkpoint(MODEL)
 
-    figures = [measure("mixserve", lambda port: serve_mixserve(folder, port), load, 300)]
+    figures = [measure("mixserve", lambda port: serve_mixserve(folder, port, ns.engine_threads), load, 300)]
     if ns.vllm_python.exists():
         figures.append(measure("vLLM CPU (vllm serve)", lambda port: serve_vllm(ns.vllm_python, folder, port, ns.vllm_bind),
                                load, 600))

@@ -34,6 +34,13 @@ from benchmarks.common import format_table, write_results  # noqa: E402
 
 TRANSPORTS = ("actor", "actor-torch", "cgraph", "gloo", "zmq")
 N_SHARDS = 2
+CHOICE = (
+    "Choice: mixserve sends token groups over ZeroMQ (zmq rows). Compiled Graph and gloo are as fast or "
+    "faster per hop, but an actor runs one Compiled Graph at a time and a gloo group's members are fixed "
+    "at rendezvous, so neither lets autoscaled attention replicas join and leave the shared shards alone; "
+    "Ray actor calls allow that but cost 3 to 9x more per hop. On GPUs, NCCL goes behind the same "
+    "Transport interface (mixserve/expert_shards/dispatch.py)."
+)
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
@@ -259,7 +266,7 @@ def main() -> None:
         write_results(
             "Transport: per-layer round trip to 2 shards",
             f"Payload [rows, {args.dim}] float32 to each of {N_SHARDS} shards and back (echo), "
-            f"{args.iters} layers after warm-up; n/a = it failed or hung.\n\n{table}",
+            f"{args.iters} layers after warm-up; n/a = it failed or hung.\n\n{table}\n\n{CHOICE}",
         )
 
 
