@@ -73,6 +73,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from mixserve.platform.app import APP_NAME, build_app
     from mixserve.platform.config import DeploymentConfig
 
+    if ns.detach and not ns.address:
+        # A local cluster started by this process dies with it: detaching needs one that outlives us.
+        raise _Usage("--detach needs --address of a running Ray cluster (for one on this machine: "
+                     "`ray start --head`, then `mixserve serve CONFIG --address auto --detach`)")
     config = DeploymentConfig.from_yaml(ns.config)
     app = build_app(config)  # checks the config against the checkpoint before anything starts
     config.serve_start_options()  # and the proxies' settings
@@ -204,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="deploy the topology in CONFIG on Ray Serve and serve HTTP")
     srv.add_argument("config", help="deployment YAML (see README)")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
-    srv.add_argument("--detach", action="store_true", help="return once serving (the Ray cluster keeps it running)")
+    srv.add_argument("--detach", action="store_true", help="return once serving; the cluster given by --address keeps it running")
     srv.set_defaults(func=_cmd_serve)
 
     st = sub.add_parser("status", help="replicas, shards, placement and load of a running deployment")

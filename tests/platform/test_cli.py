@@ -76,3 +76,8 @@ def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):
     assert ring.lookup(key1).name == ring.lookup(key2).name == "acme" and ring.lookup("msk-other") is None
     bad = mixserve("keys", "add", "bad name!", "--tenants", str(path))
     assert bad.returncode == 2 and "invalid tenant name" in bad.stderr
+
+
+def test_serve_detach_without_a_cluster_to_outlive_us_is_refused(tmp_path):
+    result = mixserve("serve", str(tmp_path / "any.yaml"), "--detach")
+    assert result.returncode == 2 and "--detach needs --address" in result.stderr
