@@ -137,24 +137,21 @@ class MoeLayer(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.k = k
         self.experts = experts
+        # Remote experts start asynchronously and latch a placement per step; local ones do
+        # neither. Looked up once here rather than on every layer of every step.
+        self._start_remote = getattr(experts, "start", None)
+        self.step_hook = getattr(experts, "begin_step", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         return self.start(x)()
-
-    def begin_step(self) -> None:
-        """Called once at the start of every model step (remote experts latch their placement)."""
-        hook = getattr(self.experts, "begin_step", None)
-        if hook is not None:
-            hook()
 
     def start(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Gates x [T, D] and starts the experts; the returned call gives the [T, D] output.
         Remote experts return before the shards finish (ping-pong overlaps that wait with
         another micro-batch's attention); local ones compute here."""
         weights, expert_ids = top_k_gating(self.gate(x), self.k)
-        start = getattr(self.experts, "start", None)
-        if start is not None:
-            return start(x, expert_ids, weights.to(x.dtype))
+        if self._start_remote is not None:
+            return self._start_remote(x, expert_ids, weights.to(x.dtype))
         y = self.experts(x, expert_ids, weights.to(x.dtype))
         return lambda: y
 

@@ -67,6 +67,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, max_positions)
         self.backend: AttentionBackend = SdpaBackend()
+        # What runs at the start of every step (remote experts latch their placement); empty in one process.
+        self._step_hooks = [
+            b.feed_forward.step_hook for b in self.layers if getattr(b.feed_forward, "step_hook", None) is not None
+        ]
 
     def forward(
         self,
@@ -98,9 +102,8 @@ class Transformer(nn.Module):
         return torch.cat([self._logits(finish(), b.logit_rows) for finish, b in zip(pending, batches)])
 
     def _begin_step(self) -> None:
-        for block in self.layers:
-            if isinstance(block.feed_forward, MoeLayer):
-                block.feed_forward.begin_step()
+        for hook in self._step_hooks:
+            hook()
 
     def _logits(self, h: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
         if logit_rows.numel() == 0:  # a mid-prompt chunk: nothing to sample, skip the LM head

@@ -10,7 +10,9 @@ status; the gRPC ingress maps the same statuses to gRPC codes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +29,7 @@ from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
 from mixserve.replicas.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"  # the tenant name of callers of an open deployment (no tenants configured)
 RETRY_AFTER_S = 1
 ERROR_TYPES = {
@@ -56,9 +59,10 @@ class ApiError(MixserveError):
 
 
 def api_error_of(err: GenerateError) -> ApiError:
+    if err.kind == "context_length":
+        return ApiError(400, err.message, err.param, "context_length_exceeded")
     if err.kind == "invalid_request":
-        code = "context_length_exceeded" if "context" in err.message else None
-        return ApiError(400, err.message, err.param, code)
+        return ApiError(400, err.message, err.param)
     return ApiError(503, err.message)
 
 
@@ -86,6 +90,10 @@ class RequestRecord:
     gaps: list[float] = field(default_factory=list)
     status: str = "ok"
 
+    @property
+    def completion_total(self) -> int:
+        return sum(self.completion_tokens.values())
+
     def saw(self, index: int, out: RequestOutput) -> None:
         if not out.new_token_ids:
             return
@@ -108,6 +116,7 @@ class FrontDoor:
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
+        self._settling: set[asyncio.Task] = set()
 
     # ---- who, and may they -------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Caller:
@@ -119,9 +128,8 @@ class FrontDoor:
         tenant = self.keys.lookup(key.strip()) if scheme.lower() == "bearer" else None
         if tenant is None:
             raise ApiError(401, "invalid API key")
-        limited = any(x is not None for x in (tenant.requests_per_min, tenant.tokens_per_min, tenant.max_concurrent))
         return Caller(tenant.name, tenant.weight, tenant.admin, tuple(tenant.models) if tenant.models is not None else None,
-                      tenant.resolved_system_prompt(), limited)
+                      tenant.resolved_system_prompt(), tenant.has_limits)
 
     def check_model(self, caller: Caller, model: str) -> None:
         if model != self.model_name:
@@ -161,12 +169,22 @@ class FrontDoor:
         return admission.lease
 
     def settle(self, lease: str, record: RequestRecord) -> None:
-        """Fire and forget: the ledger call must not hold up the response or a cancelled stream."""
+        """Sends the settlement without holding up the response or a cancelled stream. It runs
+        in a task with a fresh context: Serve cancels the calls a request makes when its client
+        leaves, and a settlement sent while a disconnected request unwinds must still arrive,
+        or the tenant's concurrency and token reservations stay held."""
         ttft = record.first_token_at - record.arrived if record.first_token_at is not None else None
-        self.ledger.settle.remote(
-            lease, record.prompt_tokens, sum(record.completion_tokens.values()), self.model_name, record.endpoint,
-            record.status, ttft, record.gaps[-1000:], record.engine_ttft_s,
-        )
+        args = (lease, record.prompt_tokens, record.completion_total, self.model_name, record.endpoint,
+                record.status, ttft, record.gaps[-1000:], record.engine_ttft_s)
+        task = asyncio.get_running_loop().create_task(self._send_settlement(args), context=contextvars.Context())
+        self._settling.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._settling.discard)
+
+    async def _send_settlement(self, args: tuple) -> None:
+        try:
+            await self.ledger.settle.remote(*args)
+        except Exception:  # noqa: BLE001 - the lease expires on its own (TenantLedger lease_s)
+            log.warning("could not settle a request with the tenant ledger", exc_info=True)
 
     # ---- generation --------------------------------------------------------------------------
     async def start(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int, chat: bool,
@@ -232,6 +250,20 @@ class Run:
         except ApiError as err:
             self.record.status = str(err.status)
             raise
+
+    async def finals(self) -> list[RequestOutput]:
+        """Runs every choice to its end (a non-streamed request) and settles; outputs by choice."""
+        finished: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in self.events():
+                if out.finished:
+                    finished[i] = out
+        except BaseException:
+            self.close("client_closed")  # no-op on the status when events() already recorded an error
+            raise
+        finally:
+            self.close()
+        return [finished[i] for i in sorted(finished)]
 
     def close(self, status: str | None = None) -> None:
         """Aborts whatever still runs (a client that left frees its slots at once) and settles."""

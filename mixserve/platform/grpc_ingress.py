@@ -15,9 +15,8 @@ import grpc
 from mixserve.errors import InvalidRequestError
 from mixserve.platform.front_door import ApiError, Caller, FrontDoor, Run
 from mixserve.platform.grpc_api import mixserve_v1_pb2 as pb
-from mixserve.platform.openai_api import MAX_N, TokenText
+from mixserve.platform.openai_api import MAX_N, TokenText, new_logprobs
 from mixserve.replicas.sampling_params import SamplingParams
-from mixserve.replicas.sequence import RequestOutput
 
 SERVICER_FUNCTION = "mixserve.platform.grpc_api.mixserve_v1_pb2_grpc.add_MixserveServicer_to_server"
 GRPC_CODES = {
@@ -56,10 +55,8 @@ def sampling_params(options: pb.SamplingOptions) -> tuple[SamplingParams, int]:
     return params, n
 
 
-def token_logprobs(out: RequestOutput, tokens: list[int], names: TokenText) -> list[pb.TokenLogprob]:
-    if out.logprobs is None:
-        return []
-    lps = out.logprobs[len(out.logprobs) - len(tokens):] if tokens else []
+def token_logprobs(tokens: list[int], lps: list[dict[int, float]], names: TokenText) -> list[pb.TokenLogprob]:
+    """tokens with their log-probabilities ({token id: log-prob} each; empty when none were asked for)."""
     return [
         pb.TokenLogprob(
             token_id=token, token=names.text(token), logprob=lp.get(token, 0.0),
@@ -124,23 +121,15 @@ class GrpcMethods:
         except ApiError as err:
             set_error(context, err)
             return pb.GenerateResponse()
-        finals: dict[int, RequestOutput] = {}
         try:
-            async for i, out in run.events():
-                if out.finished:
-                    finals[i] = out
+            finals = await run.finals()
         except ApiError as err:
             set_error(context, err)
             return pb.GenerateResponse()
-        except BaseException:
-            run.close("client_closed")
-            raise
-        finally:
-            run.close()
         choices = [
             pb.Choice(index=i, text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason or "",
-                      logprobs=token_logprobs(out, out.token_ids, self.door.names))
-            for i, out in sorted(finals.items())
+                      logprobs=token_logprobs(out.token_ids, out.logprobs or [], self.door.names))
+            for i, out in enumerate(finals)
         ]
         return pb.GenerateResponse(id=f"gen-{uuid.uuid4().hex}", model=request.model, choices=choices, usage=self._usage(run))
 
@@ -159,7 +148,7 @@ class GrpcMethods:
                     yield pb.GenerateChunk(
                         id=ident, index=i, text=out.new_text, token_ids=out.new_token_ids,
                         finish_reason=(out.finish_reason or "") if out.finished else "",
-                        logprobs=token_logprobs(out, out.new_token_ids, self.door.names),
+                        logprobs=token_logprobs(*new_logprobs(out), self.door.names),
                     )
             yield pb.GenerateChunk(id=ident, usage=self._usage(run))
         except ApiError as err:
@@ -173,6 +162,6 @@ class GrpcMethods:
 
     @staticmethod
     def _usage(run: Run) -> pb.Usage:
-        completion = sum(run.record.completion_tokens.values())
+        completion = run.record.completion_total
         return pb.Usage(prompt_tokens=run.record.prompt_tokens, completion_tokens=completion,
                         total_tokens=run.record.prompt_tokens + completion)

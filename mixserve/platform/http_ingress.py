@@ -146,17 +146,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
         if body.stream:
             return ClosingStreamingResponse(self._stream(run, shape, body), media_type="text/event-stream")
-        finals: dict[int, Any] = {}
-        try:
-            async for i, out in run.events():
-                if out.finished:
-                    finals[i] = out
-        except BaseException:
-            run.close("client_closed")
-            raise
-        finally:
-            run.close()
-        return shape.whole([finals[i] for i in range(body.n)], run.record)
+        return shape.whole(await run.finals(), run.record)
 
     async def _stream(self, run: Run, shape, body):
         try:

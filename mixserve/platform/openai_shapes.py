@@ -44,7 +44,7 @@ class CompletionShape:
         return [self._frame([choice])]
 
     def usage_chunk(self, record: RequestRecord) -> dict:
-        return {**self._frame([]), "usage": usage(record.prompt_tokens, sum(record.completion_tokens.values()))}
+        return {**self._frame([]), "usage": usage(record.prompt_tokens, record.completion_total)}
 
     def whole(self, finals: list, record: RequestRecord) -> dict:
         choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
@@ -83,7 +83,7 @@ class ChatShape:
         return chunks
 
     def usage_chunk(self, record: RequestRecord) -> dict:
-        return {**self._frame([], chunk=True), "usage": usage(record.prompt_tokens, sum(record.completion_tokens.values()))}
+        return {**self._frame([], chunk=True), "usage": usage(record.prompt_tokens, record.completion_total)}
 
     def whole(self, finals: list, record: RequestRecord) -> dict:
         choices = [{"index": i, "message": {"role": "assistant", "content": out.text},

@@ -57,6 +57,10 @@ class Tenant(BaseModel):
                 raise ValueError("key_sha256 entries must be 64 lowercase hex characters (a SHA-256 digest, not a key)")
         return value
 
+    @property
+    def has_limits(self) -> bool:
+        return any(x is not None for x in (self.requests_per_min, self.tokens_per_min, self.max_concurrent))
+
     def resolved_system_prompt(self) -> str | None:
         return resolve_system_prompt(self.system_prompt)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixserve.errors import InvalidRequestError, MixserveError
+from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
 from mixserve.model import ModelArgs, load_model
 from mixserve.replicas.async_engine import AsyncEngine
 from mixserve.model.factory import DTYPES
@@ -49,7 +49,7 @@ class GenerateRequest:
 class GenerateError:
     """A request's failure, sent as a message so that its type survives the hop."""
 
-    kind: str  # "invalid_request" | "unavailable"
+    kind: str  # "invalid_request" | "context_length" | "unavailable"
     message: str
     param: str | None = None
 
@@ -105,6 +105,8 @@ class AttentionReplica:
                 if request.stream or first or out.finished:
                     yield out
                 first = False
+        except ContextLengthError as exc:
+            yield GenerateError("context_length", exc.message, exc.param)
         except InvalidRequestError as exc:
             yield GenerateError("invalid_request", exc.message, exc.param)
         except MixserveError as exc:

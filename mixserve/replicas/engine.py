@@ -94,9 +94,9 @@ class LLMEngine:
         chat=True the first streamed piece loses its leading space (answers follow "[/INST] ").
         """
         params = params or SamplingParams()
-        params.validate()
+        params.validate()  # SamplingParams is mutable: check again what actually runs
         if not weight > 0:
-            raise InvalidRequestError(f"weight must be > 0, got {weight}", "weight")  # SamplingParams is mutable: check again what actually runs
+            raise InvalidRequestError(f"weight must be > 0, got {weight}", "weight")
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self._prompt_ids(prompt)

@@ -81,9 +81,10 @@ class Scheduler:
             length = min(self.chunk_size, seq.prefill_until, budget)
             (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
             budget -= length
-        for chunk in decodes + prefills:
+        chunks = decodes + prefills
+        for chunk in chunks:
             fair.charge(chunk.seq, chunk.length)
-        return decodes + prefills
+        return chunks
 
     def _preempt_over_share(self) -> None:
         """Work-conserving fairness for cache slots: a tenant may hold more than its weighted
@@ -106,9 +107,7 @@ class Scheduler:
                 return
             giver = max(givers, key=lambda t: len(running[t]) / share[t])
             victim = max(running[giver], key=lambda s: s.arrival)  # the newest: least work lost
-            self.running.remove(victim)
-            self.slots.give_back(victim.slot)
-            victim.slot = None
+            self._release_slot(victim)
             victim.status = Status.WAITING
             victim.preempt()
             self.waiting.add(victim, front=True)
@@ -118,13 +117,17 @@ class Scheduler:
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-            self.slots.give_back(seq.slot)
-            seq.slot = None
+            self._release_slot(seq)
         else:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+
+
+    def _release_slot(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.slots.give_back(seq.slot)
+        seq.slot = None
 
 
 def split_micro_batches(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
