@@ -100,7 +100,9 @@ def test_the_server_still_serves_after_the_http_fuzzing(fuzz_door):
 
 @pytest.fixture(scope="module")
 def grpc_client(fuzz_door):
-    return ReflectedClient(fuzz_door[1])
+    client = ReflectedClient(fuzz_door[1])
+    yield client
+    client.channel.close()  # an open channel at interpreter exit can crash grpc's threads
 
 
 SAMPLING = st.fixed_dictionaries({}, optional={

@@ -63,7 +63,9 @@ def grpc_door(ray_cluster, mixtral_dir):
     })
     serve.start(**config.serve_start_options())
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-    yield ReflectedClient(f"127.0.0.1:{config.grpc.port}"), f"http://127.0.0.1:{config.http.port}"
+    client = ReflectedClient(f"127.0.0.1:{config.grpc.port}")
+    yield client, f"http://127.0.0.1:{config.http.port}"
+    client.channel.close()  # an open channel at interpreter exit can crash grpc's threads
     serve.shutdown()
 
 
