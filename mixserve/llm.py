@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from mixserve.model.weights_source import WeightsSource
 from mixserve.replicas.engine import LLMEngine
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.sampling_params import SamplingParams
@@ -25,8 +26,13 @@ class LLM:
     generate calls can be interleaved freely: whoever steps the engine files each output under
     its request, and nothing is dropped."""
 
-    def __init__(self, checkpoint: str | Path, **engine_options):
-        """engine_options are EngineConfig fields (max_num_seqs, max_model_len, dtype, ...)."""
+    def __init__(self, checkpoint: str | Path | WeightsSource, **engine_options):
+        """checkpoint: a local folder, s3://bucket/prefix, or any WeightsSource.
+        engine_options are EngineConfig fields (max_num_seqs, max_model_len, dtype, ...)."""
+        if isinstance(checkpoint, str) and checkpoint.startswith("s3://"):
+            from mixserve.platform.weights import open_weights
+
+            checkpoint = open_weights(checkpoint)
         self.engine = LLMEngine.from_checkpoint(checkpoint, EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -21,13 +21,14 @@ from mixserve.expert_shards.channel import ShardServer
 from mixserve.expert_shards.dispatch import ShardReply, ShardRequest, ShardUnavailableError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
+from mixserve.model.weights_source import WeightsSource
 
 
 class ExpertShardActor:
     """The Ray-facing face of an ExpertShard. Ray manages its life and control calls; token
     groups arrive on its ZeroMQ channel (channel.py), or as numpy through `compute`."""
 
-    def __init__(self, shard_id: int, checkpoint: str, experts: list[int], dtype: str, num_threads: int | None):
+    def __init__(self, shard_id: int, checkpoint: str | WeightsSource, experts: list[int], dtype: str, num_threads: int | None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self._shard = ExpertShard(shard_id, checkpoint, experts, dtype)
@@ -41,6 +42,11 @@ class ExpertShardActor:
     def add_expert(self, expert: int) -> ShardInfo:
         self._shard.add_expert(expert)
         return self.info()
+
+    def weights_report(self) -> dict:
+        """What loading cost this shard (bytes fetched, from where), if its source keeps count."""
+        report = getattr(self._shard.weights, "report", None)
+        return report() if report is not None else {}
 
     def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> tuple[np.ndarray, float]:
         """(outputs, seconds spent computing them)."""
@@ -104,7 +110,7 @@ class ShardGroup:
 
 
 def start_shard_group(
-    checkpoint: str | Path,
+    checkpoint: str | Path | WeightsSource,
     placement: Placement,
     dtype: str = "float32",
     cpus_per_shard: float = 1.0,
@@ -124,7 +130,7 @@ def start_shard_group(
             f"the cluster cannot fit {placement.n_shards} expert shards of {bundle} within {ready_timeout_s:.0f}s"
         ) from None
     group = ShardGroup(placement, {}, pg, dict(
-        checkpoint=str(checkpoint), dtype=dtype, cpus_per_shard=cpus_per_shard,
+        checkpoint=str(checkpoint) if isinstance(checkpoint, Path) else checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
         gpus_per_shard=gpus_per_shard, num_threads=num_threads,
     ))
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group
 from mixserve.expert_shards.placement import Placement, max_over_mean
+from mixserve.model.weights_source import WeightsSource
 
 LOAD_WINDOW_S = 60.0
 HEAL_EVERY_S = 2.0
@@ -36,7 +37,7 @@ class RouterStatus:
 class ExpertRouter:
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: str | WeightsSource,
         num_experts: int,
         n_shards: int,
         experts_per_shard: int | None = None,
@@ -112,6 +113,13 @@ class ExpertRouter:
             balance=max_over_mean(shard_tokens),
             alive=self._alive(),
         )
+
+    def weights_reports(self) -> dict[int, dict]:
+        """What loading its weights cost each shard (bytes fetched, from where), by shard id."""
+        import ray
+
+        actors = dict(self._group.actors)
+        return dict(zip(actors, ray.get([a.weights_report.remote() for a in actors.values()], timeout=30)))
 
     def _window(self) -> tuple[list[float], list[float]]:
         cutoff = time.monotonic() - LOAD_WINDOW_S

@@ -18,6 +18,7 @@ from mixserve.errors import CheckpointError
 from mixserve.model.args import ModelArgs
 from mixserve.model.checkpoint import load_weights
 from mixserve.model.factory import DTYPES
+from mixserve.model.weights_source import WeightsSource, as_weights_source
 from mixserve.model.moe import LocalExperts
 from mixserve.model.packed import pack_model
 
@@ -52,14 +53,16 @@ class ShardInfo:
 
 
 class ExpertShard:
-    def __init__(self, shard_id: int, checkpoint: str | Path, experts: list[int], dtype: str = "float32"):
-        args = ModelArgs.from_folder(checkpoint)
+    def __init__(self, shard_id: int, checkpoint: str | Path | WeightsSource, experts: list[int], dtype: str = "float32"):
+        # One source for the shard's life: a remote one keeps its headers for add_expert.
+        self.weights = as_weights_source(checkpoint)
+        args = ModelArgs.from_folder(self.weights.folder())
         if not args.is_moe:
-            raise CheckpointError(f"{checkpoint} is a dense model: it has no experts to shard")
+            raise CheckpointError(f"{self.weights.describe()} is a dense model: it has no experts to shard")
         bad = [e for e in experts if not 0 <= e < args.num_experts]
         if bad or not experts:
             raise ValueError(f"shard {shard_id}: experts {experts} must be a non-empty subset of 0..{args.num_experts - 1}")
-        self._args, self._checkpoint, self._dtype = args, checkpoint, DTYPES[dtype]
+        self._args, self._dtype = args, DTYPES[dtype]
         model, self.weight_bytes = self._load(list(experts))
         self.shard_id = shard_id
         self.experts = tuple(experts)
@@ -70,7 +73,7 @@ class ExpertShard:
         with torch.device("meta"):
             model = ShardExperts(self._args, len(experts))
         model = model.to_empty(device="cpu").to(self._dtype).requires_grad_(False)
-        load_weights(model, self._checkpoint, self._args, experts=experts)
+        load_weights(model, self.weights, self._args, experts=experts)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         return pack_model(model), weight_bytes
 

@@ -9,24 +9,24 @@ Three layouts are understood, all mapped onto the same fused parameters:
 
 Every checkpoint tensor has one `TensorTarget` saying which parameter, which slice of it,
 and what shape it must have. Missing, unexpected and mis-shaped tensors are all reported
-together. Pickle formats are refused: unpickling runs arbitrary code.
+together, before any tensor is read. The bytes come from a `WeightsSource` (a local folder
+here; an object store through mixserve.platform), which is asked for exactly the tensors the
+model being filled holds.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from mixserve.errors import CheckpointError
 from mixserve.model.args import ModelArgs
+from mixserve.model.weights_source import HF_INDEX, PICKLE_SUFFIXES, WeightsSource, as_weights_source
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-HF_INDEX = "model.safetensors.index.json"
+__all__ = ["HF_INDEX", "PICKLE_SUFFIXES", "TensorTarget", "checkpoint_targets", "detect_layout", "load_weights", "select_experts"]
 
 
 @dataclass(frozen=True)
@@ -138,37 +138,6 @@ def select_experts(targets: dict[str, TensorTarget], experts: list[int]) -> dict
     return kept
 
 
-# ---- finding the files ------------------------------------------------------------------
-
-
-def safetensors_files(folder: str | Path) -> list[Path]:
-    """The checkpoint's safetensors files; refuses pickle-only checkpoints and empty folders."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    index = folder / HF_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{folder} holds only pickle weights ({', '.join(pickles)}); mixserve never unpickles "
-            "weights because that can run arbitrary code. Convert the checkpoint to safetensors."
-        )
-    raise CheckpointError(f"{folder} holds no .safetensors weights")
-
-
 def detect_layout(names: Iterable[str]) -> str:
     names = set(names)
     if "model.embed_tokens.weight" in names or any(n.startswith("model.layers.") for n in names):
@@ -182,27 +151,14 @@ def detect_layout(names: Iterable[str]) -> str:
     )
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-
-
-def tensor_names(files: list[Path]) -> dict[str, Path]:
-    names: dict[str, Path] = {}
-    for path in files:
-        with _open(path) as f:
-            for name in f.keys():
-                names[name] = path
-    return names
-
-
 # ---- loading ----------------------------------------------------------------------------
 
 
 def load_weights(
-    model: torch.nn.Module, folder: str | Path, args: ModelArgs, experts: list[int] | None = None
+    model: torch.nn.Module,
+    checkpoint: str | Path | WeightsSource,
+    args: ModelArgs,
+    experts: list[int] | None = None,
 ) -> set[str]:
     """Copies the checkpoint into `model`'s parameters; returns the checkpoint names loaded.
 
@@ -210,9 +166,9 @@ def load_weights(
     replica without experts, say) reads only its bytes. With `experts`, only those experts'
     tensors are read, stacked in that order (an expert shard). Every problem is reported at once.
     """
-    files = safetensors_files(folder)
-    names = tensor_names(files)
-    layout = detect_layout(names)
+    source = as_weights_source(checkpoint)
+    shapes = source.tensor_shapes()
+    layout = detect_layout(shapes)
     all_targets = checkpoint_targets(args, layout)
     targets = select_experts(all_targets, experts) if experts is not None else all_targets
     params = dict(model.named_parameters())
@@ -221,39 +177,33 @@ def load_weights(
     problems: list[str] = []
     # A tied checkpoint may still carry its (identical) LM head; it is not needed.
     ignorable = {"lm_head.weight", "output.weight"} if args.tie_word_embeddings else set()
-    unexpected = sorted(set(names) - set(all_targets) - ignorable)
-    missing = sorted(set(wanted) - set(names))
+    unexpected = sorted(set(shapes) - set(all_targets) - ignorable)
+    missing = sorted(set(wanted) - set(shapes))
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_preview(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {_preview(unexpected)}")
+    readable = []
+    for name, tgt in wanted.items():
+        if name not in shapes:
+            continue
+        if tuple(shapes[name]) != tgt.shape:
+            problems.append(f"{name}: shape {list(shapes[name])}, expected {list(tgt.shape)}")
+        else:
+            readable.append(name)
+    # Nothing is read from a checkpoint that is already known not to fit (it may be remote and large).
+    if problems:
+        raise CheckpointError(f"checkpoint {source.describe()} does not match {args.architecture}: " + "; ".join(problems))
 
     loaded: set[str] = set()
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        if name in names:
-            by_file.setdefault(names[name], []).append(name)
     with torch.no_grad():
-        for path, file_names in by_file.items():
-            with _open(path) as f:
-                for name in file_names:
-                    tgt = wanted[name]
-                    try:
-                        shape = tuple(f.get_slice(name).get_shape())
-                        if shape != tgt.shape:
-                            problems.append(f"{name}: shape {list(shape)}, expected {list(tgt.shape)}")
-                            continue
-                        tensor = f.get_tensor(name)
-                    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                        problems.append(f"{name}: unreadable ({exc})")
-                        continue
-                    if tgt.transform is not None:
-                        tensor = tgt.transform(tensor)
-                    param = params[tgt.param]
-                    (param[tgt.index] if tgt.index else param).copy_(tensor)
-                    loaded.add(name)
-    if problems:
-        raise CheckpointError(f"checkpoint {folder} does not match {args.architecture}: " + "; ".join(problems))
+        for name, tensor in source.read_tensors(readable):
+            tgt = wanted[name]
+            if tgt.transform is not None:
+                tensor = tgt.transform(tensor)
+            param = params[tgt.param]
+            (param[tgt.index] if tgt.index else param).copy_(tensor)
+            loaded.add(name)
     if args.tie_word_embeddings and "output.weight" in params:
         params["output.weight"].data = params["tok_embeddings.weight"].data
     return loaded

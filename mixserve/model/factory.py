@@ -11,6 +11,7 @@ from mixserve.model.checkpoint import load_weights
 from mixserve.model.layers import RotaryEmbedding
 from mixserve.model.packed import pack_model
 from mixserve.model.transformer import Transformer, default_feed_forward
+from mixserve.model.weights_source import WeightsSource, as_weights_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,13 +33,14 @@ def create_model(
 
 
 def load_model(
-    folder: str | Path,
+    checkpoint: str | Path | WeightsSource,
     max_positions: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     feed_forward_factory=default_feed_forward,
 ) -> Transformer:
-    args = ModelArgs.from_folder(folder)
+    source = as_weights_source(checkpoint)
+    args = ModelArgs.from_folder(source.folder())
     model = create_model(args, max_positions or args.max_position_embeddings, dtype, device, feed_forward_factory)
-    load_weights(model, folder, args)
+    load_weights(model, source, args)
     return pack_model(model)

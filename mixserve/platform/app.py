@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
@@ -15,17 +14,19 @@ from mixserve.platform.config import ConfigError, DeploymentConfig
 from mixserve.platform.experts_wiring import connect_remote_experts
 from mixserve.platform.http_ingress import HttpIngress
 from mixserve.platform.ledger import TenantLedger
+from mixserve.platform.weights import open_weights
 from mixserve.replicas.deployment import AttentionReplica
 
 APP_NAME = "mixserve"
 
 
 def build_app(config: DeploymentConfig) -> Application:
-    checkpoint = str(Path(config.model.source).resolve())
+    # A local folder, or S3: then every actor fetches its own tensors by ranged GETs.
+    checkpoint = open_weights(config.model.source, config.model.cache_dir, config.model.download_workers)
     engine = config.attention.engine
     router = connector = None
     if config.experts.shards:
-        args = ModelArgs.from_folder(checkpoint)
+        args = ModelArgs.from_folder(checkpoint.folder())
         if not args.is_moe:
             raise ConfigError(f"experts.shards is {config.experts.shards} but {config.model.source} is a dense model")
         if config.experts.shards > args.num_experts:

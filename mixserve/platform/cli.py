@@ -181,6 +181,24 @@ def _cmd_keys_add(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upload(ns: argparse.Namespace) -> int:
+    from mixserve.platform.weights.upload import upload_checkpoint
+
+    if not ns.uri.startswith("s3://"):
+        raise _Usage(f"{ns.uri!r} is not an s3:// URI (expected s3://bucket/prefix)")
+    if not Path(ns.dir).is_dir():
+        raise _Usage(f"{ns.dir} is not a folder")
+    if ns.workers < 1 or ns.part_mib < 8:
+        raise _Usage("--workers must be >= 1 and --part-mib >= 8 (S3's part floor is 5 MiB)")
+    result = upload_checkpoint(ns.dir, ns.uri, workers=ns.workers, part_bytes=ns.part_mib << 20)
+    checked = "sizes and ETags" if result.etag_checked else "sizes"
+    print(
+        f"uploaded {result.files} files ({result.bytes / 2**20:.1f} MiB) to {ns.uri} in {result.seconds:.1f}s; "
+        f"{checked} verified, tensor hashes in mixserve-manifest.json"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixserve", description="Serve Mistral / Mixtral with experts disaggregated on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -218,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rebalance", help="replicate the hottest experts into spare shard slots now")
     rb.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
     rb.set_defaults(func=_cmd_rebalance)
+
+    up = sub.add_parser("upload", help="stage a checkpoint folder in S3 (multipart, parallel, verified)")
+    up.add_argument("dir", help="checkpoint folder (safetensors)")
+    up.add_argument("uri", help="destination, s3://bucket/prefix (credentials: boto3's default chain)")
+    up.add_argument("--workers", type=int, default=8, help="parallel part uploads")
+    up.add_argument("--part-mib", type=int, default=64, help="multipart part size in MiB")
+    up.set_defaults(func=_cmd_upload)
 
     keys = sub.add_parser("keys", help="manage tenants' API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

@@ -29,7 +29,18 @@ class _Strict(BaseModel):
 
 class ModelSection(_Strict):
     name: str = Field(..., min_length=1, description="The name clients pass as `model` (also listed by /v1/models).")
-    source: str = Field(..., min_length=1, description="Checkpoint folder (safetensors, Hugging Face or Mistral layout).")
+    source: str = Field(
+        ..., min_length=1,
+        description="Checkpoint (safetensors, Hugging Face or Mistral layout): a local folder, or s3://bucket/prefix "
+        "(boto3's default credential chain; AWS_ENDPOINT_URL for S3-compatible stores). From S3 each actor fetches "
+        "only its own tensors' bytes.",
+    )
+    cache_dir: str | None = Field(
+        "~/.cache/mixserve/weights",
+        description="Local disk cache for weights fetched from S3 (per node, keyed by object ETag and size, "
+        "re-verified on reuse); null fetches every time.",
+    )
+    download_workers: int = Field(16, ge=1, le=256, description="Parallel ranged GETs per actor when fetching weights from S3.")
     system_prompt: str | None = Field(
         None, description="Default system prompt for chat requests that bring none (a tenant's own overrides it): "
         "text, or 'guardrail' for the Mistral 7B paper's guardrail prompt.",
@@ -38,7 +49,13 @@ class ModelSection(_Strict):
     @field_validator("source")
     @classmethod
     def _local_folder_exists(cls, value: str) -> str:
-        if "://" not in value and not Path(value).is_dir():
+        if value.startswith("s3://"):
+            if not value[len("s3://"):].split("/")[0]:
+                raise ValueError(f"{value!r} names no bucket (expected s3://bucket/prefix)")
+            return value
+        if "://" in value:
+            raise ValueError(f"unsupported checkpoint source {value!r}: use a local folder or s3://bucket/prefix")
+        if not Path(value).is_dir():
             raise ValueError(f"checkpoint folder {value!r} does not exist")
         return value
 

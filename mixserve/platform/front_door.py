@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ray.serve.exceptions import BackPressureError
 
 from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
+from mixserve.model.weights_source import WeightsSource, checkpoint_folder
 from mixserve.platform.openai_api import TokenText
 from mixserve.platform.tenants import KeyRing, Tenant, resolve_system_prompt
 from mixserve.replicas.async_engine import merge_outputs
@@ -108,12 +109,12 @@ class RequestRecord:
 
 
 class FrontDoor:
-    def __init__(self, replica, ledger, router, model_name: str, checkpoint: str, tenants: list[dict],
+    def __init__(self, replica, ledger, router, model_name: str, checkpoint: str | WeightsSource, tenants: list[dict],
                  system_prompt: str | None = None):
         self.replica, self.ledger, self.router = replica, ledger, router
         self.model_name = model_name
         self.keys = KeyRing([Tenant.model_validate(t) for t in tenants])
-        self.tokenizer = Tokenizer.from_checkpoint(checkpoint)
+        self.tokenizer = Tokenizer.from_checkpoint(checkpoint_folder(checkpoint))
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
         self._settling: set[asyncio.Task] = set()

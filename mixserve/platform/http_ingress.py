@@ -72,7 +72,7 @@ def sse(data: dict | str) -> str:
 @serve.deployment
 @serve.ingress(app)
 class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy calls the ingress by method name
-    def __init__(self, replica, ledger, router, model_name: str, checkpoint: str, tenants: list[dict],
+    def __init__(self, replica, ledger, router, model_name: str, checkpoint, tenants: list[dict],
                  system_prompt: str | None = None, max_body_bytes: int = 1 << 20):
         self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt)
         BodyLimit.max_bytes = max_body_bytes

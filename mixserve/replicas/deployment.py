@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
-from mixserve.model import ModelArgs, load_model
+from mixserve.model import ModelArgs, WeightsSource, as_weights_source, load_model
 from mixserve.replicas.async_engine import AsyncEngine
 from mixserve.model.factory import DTYPES
 from mixserve.replicas.engine import LLMEngine
@@ -57,7 +57,7 @@ class GenerateError:
 class AttentionReplica:
     async def __init__(  # Serve awaits async constructors; the experts connector is async
         self,
-        checkpoint: str,
+        checkpoint: str | WeightsSource,
         model_name: str,
         engine_config: dict,
         expert_router=None,
@@ -71,16 +71,18 @@ class AttentionReplica:
         sys.setswitchinterval(GIL_SWITCH_S)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        args = ModelArgs.from_folder(checkpoint)
+        # A remote source fetches only the tensors this replica holds (no expert's, with shards).
+        self._weights = as_weights_source(checkpoint)
+        args = ModelArgs.from_folder(await asyncio.to_thread(self._weights.folder))
         max_len = config.max_model_len or args.max_position_embeddings
         kwargs = {}
         if experts_connector is not None:
             kwargs["feed_forward_factory"] = await experts_connector(expert_router)
         model = await asyncio.to_thread(
-            load_model, checkpoint, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device, **kwargs
+            load_model, self._weights, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device, **kwargs
         )
         self.model_name = model_name
-        self.engine = AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(checkpoint), config))
+        self.engine = AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(self._weights.folder()), config))
         if stats_reporter is not None:
             # Queue figures for /metrics; injected so this package needs nothing of the platform's.
             asyncio.get_running_loop().create_task(self._report_stats(stats_reporter, stats_target))
@@ -114,6 +116,11 @@ class AttentionReplica:
 
     def stats(self) -> dict:
         return {"model": self.model_name, **self.engine.stats()}
+
+    def weights_report(self) -> dict:
+        """What loading the weights cost this replica (bytes fetched, from where), if the source keeps count."""
+        report = getattr(self._weights, "report", None)
+        return report() if report is not None else {}
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -23,6 +23,7 @@ from mixserve.model import (
 )
 from mixserve.model.attention_backends import make_backend
 from mixserve.model.factory import DTYPES
+from mixserve.model.weights_source import WeightsSource, as_weights_source
 from mixserve.replicas.detokenizer import IncrementalDetokenizer
 from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.sampler import sample, token_logprobs
@@ -64,18 +65,19 @@ class LLMEngine:
         self._generator = torch.Generator().manual_seed(config.seed)
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+    def from_checkpoint(cls, checkpoint: str | Path | WeightsSource, config: EngineConfig | None = None) -> LLMEngine:
         config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        args = ModelArgs.from_folder(folder)
+        source = as_weights_source(checkpoint)
+        args = ModelArgs.from_folder(source.folder())
         max_len = config.max_model_len or args.max_position_embeddings
         if max_len > args.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {max_len} exceeds the model's max_position_embeddings ({args.max_position_embeddings})"
             )
-        model = load_model(folder, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device)
-        return cls(model, Tokenizer.from_checkpoint(folder), config)
+        model = load_model(source, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device)
+        return cls(model, Tokenizer.from_checkpoint(source.folder()), config)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
