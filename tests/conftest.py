@@ -42,6 +42,10 @@ def mixtral_llm(mixtral_dir):
 def ray_cluster():
     """One real local Ray cluster for the whole test session (never a mock)."""
     ray = pytest.importorskip("ray")
+    # Serve's autoscaling metrics arrive every 10 s by default; the scale-to-zero tests would
+    # spend minutes waiting for them. Set before the cluster starts so that its actors see it.
+    for name in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+        os.environ.setdefault(name, "0.5")
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -19,6 +19,7 @@ from mixserve.expert_shards.placement import Placement, max_over_mean
 from mixserve.model.weights_source import WeightsSource
 
 LOAD_WINDOW_S = 60.0
+REPLICA_SILENT_S = 5.0  # an attention replica not heard from for this long counts as gone
 HEAL_EVERY_S = 2.0
 AUTO_REBALANCE_ABOVE = 1.1  # max/mean tokens per shard below which a copy is not worth its memory
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class RouterStatus:
     expert_tokens: list[float]  # tokens per expert over the load window
     balance: float  # max / mean tokens per shard (1.0 = even)
     alive: dict[int, bool]
+    running: bool = True  # False while released (scaled to zero)
+    attention_replicas: int = 0  # attention replicas heard from in the last few seconds
 
 
 class ExpertRouter:
@@ -47,6 +50,7 @@ class ExpertRouter:
         gpus_per_shard: float = 0.0,
         num_threads: int | None = None,
         auto_rebalance_s: float = 0.0,
+        release_idle_s: float | None = None,
     ):
         self._start_args = dict(
             checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
@@ -54,21 +58,81 @@ class ExpertRouter:
         )
         self._replicate_hottest = replicate_hottest
         self._auto_rebalance_s = auto_rebalance_s
-        self._placement = Placement.contiguous(num_experts, n_shards, capacity=experts_per_shard)
-        self._group: ShardGroup = start_shard_group(placement=self._placement, **self._start_args)
-        self._addresses = {sid: info.address for sid, info in self._group.infos.items()}
-        self._lock = threading.Lock()  # guards the load reports
-        self._change = threading.Lock()  # one placement change at a time (rebalance, heal)
+        self._base = Placement.contiguous(num_experts, n_shards, capacity=experts_per_shard)
+        self._placement = self._base
+        self._group: ShardGroup | None = None  # None while released (no attention replica for a while)
+        self._addresses: dict[int, str] = {}
+        self._lock = threading.Lock()  # guards the load reports and heartbeats
+        self._change = threading.Lock()  # one placement change at a time (start, release, rebalance, heal)
         self._reports: collections.deque[tuple[float, list[int], list[int]]] = collections.deque()
+        # Scale to zero: with release_idle_s set, the shards start with the first attention
+        # replica and stop once none has been heard from for that long.
+        self._release_idle_s = release_idle_s
+        self._heard: dict[str, float] = {}  # attention replica -> last heartbeat (monotonic)
+        self._last_heard = time.monotonic()
+        self._pool_size = 0
+        self.starts = 0  # shard group starts (the first, and one per return from zero)
+        if release_idle_s is None:
+            self._start_group()
         self._healer = threading.Thread(target=self._heal_forever, name="shard-healer", daemon=True)
         self._healer.start()
+
+    # ---- the group's life ---------------------------------------------------------------------
+    def _start_group(self) -> None:
+        """Starts the whole shard group on the base placement (copies of hot experts are made
+        again as load shows them); a new version makes replicas take the new addresses."""
+        started = time.monotonic()
+        group = start_shard_group(placement=self._base, **self._start_args)
+        self._addresses = {sid: info.address for sid, info in group.infos.items()}
+        version = self._placement.version + 1 if self.starts else self._placement.version
+        self._placement = replace(self._base, version=version)
+        self._group = group
+        self._last_heard = time.monotonic()  # the idle clock starts once the shards are up
+        self.starts += 1
+        log.warning("expert shards started in %.1fs (placement version %d)", time.monotonic() - started, version)
+
+    def _release_if_idle(self) -> None:
+        with self._change:
+            if self._group is None or self._release_idle_s is None:
+                return
+            if time.monotonic() - self._last_heard < self._release_idle_s:
+                return
+            group, self._group, self._addresses = self._group, None, {}
+            group.shutdown()  # kills the actors and removes the placement group: resources go back
+            log.warning("no attention replica for %.0fs: expert shards released", self._release_idle_s)
+
+    def attach(self, replica: str) -> Placement:
+        """An attention replica starting (or still alive): the shards are started if they were
+        released, and the placement to dispatch by is returned."""
+        with self._change:
+            self._heartbeat(replica)
+            if self._group is None:
+                self._start_group()
+            return self._placement
+
+    def heartbeat(self, replica: str) -> int:
+        """A live attention replica, every second; returns the placement version (a change
+        means: fetch the placement and addresses). Restarts released shards if need be."""
+        if self._group is None:
+            return self.attach(replica).version
+        self._heartbeat(replica)
+        return self._placement.version
+
+    def _heartbeat(self, replica: str) -> None:
+        with self._lock:
+            self._last_heard = self._heard[replica] = time.monotonic()
+
+    def live_replicas(self) -> int:
+        cutoff = time.monotonic() - REPLICA_SILENT_S
+        with self._lock:
+            return sum(t >= cutoff for t in self._heard.values())
 
     # ---- what replicas ask ------------------------------------------------------------------
     def placement(self) -> Placement:
         return self._placement
 
     def shard_handles(self) -> dict:
-        return dict(self._group.actors)
+        return dict(self._group.actors) if self._group is not None else {}
 
     def shard_addresses(self) -> dict[int, str]:
         """Where each shard's data channel listens (replicas connect to these directly)."""
@@ -97,6 +161,8 @@ class ExpertRouter:
             for shard in holders
             if shard not in self._placement.holders[expert]
         ]
+        if self._group is None:
+            return self._placement.version
         ray.get([self._group.actors[shard].add_expert.remote(expert) for expert, shard in added])
         self._placement = new
         return new.version
@@ -112,13 +178,15 @@ class ExpertRouter:
             expert_tokens=expert_tokens,
             balance=max_over_mean(shard_tokens),
             alive=self._alive(),
+            running=self._group is not None,
+            attention_replicas=self.live_replicas(),
         )
 
     def weights_reports(self) -> dict[int, dict]:
         """What loading its weights cost each shard (bytes fetched, from where), by shard id."""
         import ray
 
-        actors = dict(self._group.actors)
+        actors = dict(self._group.actors) if self._group is not None else {}
         return dict(zip(actors, ray.get([a.weights_report.remote() for a in actors.values()], timeout=30)))
 
     def _window(self) -> tuple[list[float], list[float]]:
@@ -139,11 +207,19 @@ class ExpertRouter:
         last_rebalance = time.monotonic()
         while True:
             time.sleep(HEAL_EVERY_S)
+            self._release_if_idle()
+            if self._group is None:
+                continue
             try:
                 self.heal()
             except Exception:  # noqa: BLE001 - keep watching; the next round retries
                 log.exception("could not restore a dead expert shard")
-            if self._auto_rebalance_s and time.monotonic() - last_rebalance >= self._auto_rebalance_s:
+            # Expert capacity follows the attention pool: when it grows, hot experts get their
+            # copies now rather than at the next periodic check.
+            pool = self.live_replicas()
+            grew, self._pool_size = pool > self._pool_size, pool
+            periodic = self._auto_rebalance_s and time.monotonic() - last_rebalance >= self._auto_rebalance_s
+            if periodic or (grew and self._replicate_hottest):
                 last_rebalance = time.monotonic()
                 self._maybe_rebalance()
 
@@ -172,6 +248,8 @@ class ExpertRouter:
     def _heal(self) -> list[int]:
         import ray
 
+        if self._group is None:
+            return []
         dead = [sid for sid, alive in self._alive().items() if not alive]
         if not dead:
             return []
@@ -188,7 +266,7 @@ class ExpertRouter:
         import ray
 
         alive = {}
-        for sid, actor in self._group.actors.items():
+        for sid, actor in (self._group.actors if self._group is not None else {}).items():
             try:
                 ray.get(actor.info.remote(), timeout=5)
                 alive[sid] = True
@@ -196,8 +274,15 @@ class ExpertRouter:
                 alive[sid] = False
         return alive
 
-    def __del__(self):
-        group = getattr(self, "_group", None)
+    def shutdown(self) -> None:
+        """Stops the shards and releases their placement group."""
+        group, self._group = getattr(self, "_group", None), None
         if group is not None:
             group.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - at interpreter exit Ray may already be gone
+            pass
 

@@ -42,6 +42,8 @@ def build_app(config: DeploymentConfig) -> Application:
             config.experts.gpus_per_shard,
             engine.num_threads,
             config.experts.auto_rebalance_s,
+            # At zero attention replicas the shards go too; they start with the first replica.
+            config.experts.idle_release_s if config.scales_to_zero else None,
         )
         connector = functools.partial(
             connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport
@@ -51,10 +53,14 @@ def build_app(config: DeploymentConfig) -> Application:
     ledger = serve.deployment(
         TenantLedger, name="TenantLedger", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}
     ).bind(tenants)
+    autoscaling = config.attention.autoscaling
+    scaling = (
+        {"autoscaling_config": autoscaling.serve_config()} if autoscaling is not None else {"num_replicas": config.attention.replicas}
+    )
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",
-        num_replicas=config.attention.replicas,
+        **scaling,
         max_ongoing_requests=4 * engine.max_num_seqs,
         max_queued_requests=config.attention.max_queued_requests,
         ray_actor_options={"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica},
@@ -65,6 +71,7 @@ def build_app(config: DeploymentConfig) -> Application:
     )
     return ingress.bind(
         replica, ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt, config.http.max_body_bytes,
+        config.attention.cold_start_timeout_s,
     )
 
 

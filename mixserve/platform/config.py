@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mixserve.errors import MixserveError
 from mixserve.platform.tenants import Tenant, TenantsError, load_tenants
@@ -60,8 +60,54 @@ class ModelSection(_Strict):
         return value
 
 
+class AutoscalingSection(_Strict):
+    """Ray Serve autoscaling of the attention replicas; min_replicas 0 lets the whole model group
+    (attention replicas and expert shards) give its resources back when idle."""
+
+    min_replicas: int = Field(1, ge=0, le=64, description="Fewest attention replicas; 0 scales the model group to zero when idle.")
+    max_replicas: int = Field(1, ge=1, le=64, description="Most attention replicas.")
+    initial_replicas: int | None = Field(None, ge=0, le=64, description="Replicas at deploy time (default: min_replicas).")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests in flight per replica the autoscaler aims at (about max_num_seqs / 2 keeps batches full)."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay above target this long before a replica is added.")
+    downscale_delay_s: float = Field(
+        120.0, ge=0, description="Load must stay below target this long before a replica is removed (damps flapping)."
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        600.0, ge=0, description="Idle seconds before the last replica goes (with min_replicas 0); null = downscale_delay_s.",
+    )
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which the load is averaged for each decision.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSection:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def serve_config(self) -> dict:
+        """Ray Serve's autoscaling_config."""
+        config = self.model_dump(exclude_none=True)
+        # Ray still checks its deprecated metrics_interval_s (default 10 s) against the look-back.
+        config["metrics_interval_s"] = min(10.0, self.look_back_period_s / 2)
+        return config
+
+
 class AttentionSection(_Strict):
-    replicas: int = Field(1, ge=1, le=64, description="Attention replicas (each holds the non-expert weights and KV caches).")
+    replicas: int = Field(
+        1, ge=1, le=64, description="Attention replicas (each holds the non-expert weights and KV caches); "
+        "ignored when `autoscaling` is set.",
+    )
+    autoscaling: AutoscalingSection | None = Field(
+        None, description="Scale the attention replicas on load (Ray Serve autoscaling) instead of a fixed count.",
+    )
+    cold_start_timeout_s: float = Field(
+        300.0, gt=0,
+        description="How long a request waits for its first token while the model group starts (from zero, or "
+        "under a burst); past it the request gets 503 with Retry-After.",
+    )
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs each attention replica reserves.")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs each attention replica reserves (0 on CPU clusters).")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine settings of every replica.")
@@ -81,6 +127,11 @@ class ExpertsSection(_Strict):
         ge=0,
         description="Seconds between automatic rebalance checks (copies hot experts into spare slots when the "
         "shards' max/mean load is 1.1 or more); 0 leaves rebalancing to `mixserve rebalance`.",
+    )
+    idle_release_s: float = Field(
+        30.0, ge=0,
+        description="With attention autoscaling down to zero: seconds without any attention replica after which "
+        "the shards are stopped and their placement group released (they start again with the first replica).",
     )
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs each expert shard reserves.")
     gpus_per_shard: float = Field(0.0, ge=0, description="Ray GPUs each expert shard reserves.")
@@ -122,6 +173,11 @@ class DeploymentConfig(_Strict):
     tenants_file: str | None = Field(
         None, description="A YAML file with more tenants (`tenants: [...]`), as `mixserve keys add` writes it.",
     )
+
+    @property
+    def scales_to_zero(self) -> bool:
+        autoscaling = self.attention.autoscaling
+        return autoscaling is not None and autoscaling.min_replicas == 0
 
     def serve_start_options(self) -> dict:
         """serve.start() arguments for the proxies this config asks for."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from mixserve.expert_shards.actors import RayActorTransport
 from mixserve.expert_shards.channel import ZmqTransport
@@ -20,25 +21,38 @@ REPORT_EVERY_S = 1.0
 
 
 async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str = "zmq"):
-    placement = await router.placement.remote()
+    # Attaching starts the shards if the group was scaled to zero; heartbeats keep them up.
+    replica = _replica_id()
+    placement = await router.attach.remote(replica)
     if transport == "zmq":
         addresses = await router.shard_addresses.remote()
         channel = await asyncio.to_thread(ZmqTransport, addresses, timeout_s=timeout_s)
     else:
         channel = RayActorTransport(await router.shard_handles.remote(), timeout_s=timeout_s)
     client = ShardClient(placement, channel)
-    asyncio.get_running_loop().create_task(_report_load(router, client))
+    asyncio.get_running_loop().create_task(_report_load(router, client, replica))
     return remote_feed_forward(client)
 
 
-async def _report_load(router, client: ShardClient) -> None:
-    """Sends the router the tokens this replica dispatched since the last report."""
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests, scripts): any unique name
+        return f"replica-{uuid.uuid4().hex[:8]}"
+
+
+async def _report_load(router, client: ShardClient, replica: str) -> None:
+    """Every second: a heartbeat (which keeps the shards up and tells the placement version),
+    and the tokens this replica dispatched since the last report."""
     sent_shards, sent_experts = [0] * len(client.tokens_sent), [0] * len(client.expert_tokens)
     while True:
         await asyncio.sleep(REPORT_EVERY_S)
         try:
-            placement = await router.placement.remote()
-            if placement.version != client.placement.version:
+            version = await router.heartbeat.remote(replica)
+            if version != client.placement.version:
+                placement = await router.placement.remote()
                 # A new version may carry restarted shards: take their addresses first.
                 if isinstance(client.transport, ZmqTransport):
                     client.transport.set_addresses(await router.shard_addresses.remote())

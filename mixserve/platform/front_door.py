@@ -33,6 +33,7 @@ from mixserve.replicas.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"  # the tenant name of callers of an open deployment (no tenants configured)
 RETRY_AFTER_S = 1
+COLD_RETRY_AFTER_S = 10  # a model group that did not start in time needs more than a second
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
@@ -110,8 +111,10 @@ class RequestRecord:
 
 class FrontDoor:
     def __init__(self, replica, ledger, router, model_name: str, checkpoint: str | WeightsSource, tenants: list[dict],
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, first_output_timeout_s: float = 300.0):
         self.replica, self.ledger, self.router = replica, ledger, router
+        # Bounds the wait for a request's first output: replicas starting from zero, or a burst.
+        self.first_output_timeout_s = first_output_timeout_s
         self.model_name = model_name
         self.keys = KeyRing([Tenant.model_validate(t) for t in tenants])
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint_folder(checkpoint))
@@ -212,8 +215,15 @@ class FrontDoor:
                 choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                 request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight, stream=stream)
                 streams.append(self.replica.options(stream=True).generate.remote(request))
+            deadline = time.monotonic() + self.first_output_timeout_s
             for stream in streams:
-                first = await anext(stream, None)
+                try:
+                    first = await asyncio.wait_for(anext(stream, None), max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    raise ApiError(
+                        503, f"the model did not start serving within {self.first_output_timeout_s:g}s (it may be "
+                        "scaling up from zero, or overloaded); retry shortly", retry_after_s=COLD_RETRY_AFTER_S,
+                    ) from None
                 if isinstance(first, GenerateError):
                     raise api_error_of(first)
                 if first is None:

@@ -73,8 +73,8 @@ def sse(data: dict | str) -> str:
 @serve.ingress(app)
 class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy calls the ingress by method name
     def __init__(self, replica, ledger, router, model_name: str, checkpoint, tenants: list[dict],
-                 system_prompt: str | None = None, max_body_bytes: int = 1 << 20):
-        self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt)
+                 system_prompt: str | None = None, max_body_bytes: int = 1 << 20, first_output_timeout_s: float = 300.0):
+        self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt, first_output_timeout_s)
         BodyLimit.max_bytes = max_body_bytes
         # Serve runs this class on its own event-loop thread beside its system loop; a short GIL
         # switch interval keeps one busy thread from making every other request wait 5 ms a turn.

@@ -28,4 +28,42 @@ def test_auto_rebalance_copies_the_hot_expert_once_and_then_holds_still(ray_clus
         time.sleep(5)
         assert router.placement().version == 1
     finally:
-        router._group.shutdown()
+        router.shutdown()
+
+
+def wait_until(condition, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_shards_start_with_the_first_replica_and_are_released_when_none_is_left(ray_cluster, mixtral_dir):
+    ray = ray_cluster
+    total = ray.cluster_resources()["CPU"]
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= total - 1e-6)  # earlier tests' actors gone
+    cpus_before = ray.available_resources().get("CPU", 0)
+    router = ExpertRouter(
+        str(mixtral_dir), num_experts=8, n_shards=2, cpus_per_shard=0.5, num_threads=1, release_idle_s=1.0,
+    )
+    try:
+        assert not router.status().running and router.shard_addresses() == {}  # nothing until a replica comes
+        first = router.attach("replica-a")
+        assert router.status().running and len(router.shard_addresses()) == 2
+        assert wait_until(lambda: ray.available_resources().get("CPU", 0) <= cpus_before - 1.0 + 1e-6)  # 2 x 0.5 CPU
+        # heartbeats keep the group up past the idle period
+        for _ in range(10):
+            assert router.heartbeat("replica-a") == first.version
+            time.sleep(0.3)
+        assert router.status().running
+        # silence: released within idle + one check period, and the resources go back
+        assert wait_until(lambda: not router.status().running)
+        assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= cpus_before - 1e-6)
+        # a heartbeat from a replica that is still there restarts them under a new placement version
+        assert router.heartbeat("replica-a") == first.version + 1
+        assert router.status().running and router.starts == 2
+    finally:
+        if router._group is not None:
+            router.shutdown()

@@ -1,0 +1,85 @@
+"""Scale to zero and back on a real local Ray cluster: after idle the attention replicas and
+the expert shards are gone and their resources returned; requests that arrive at zero are held
+until the group is back (or get 503 + Retry-After past the configured bound)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mixserve.platform.app import APP_NAME
+from tests.platform.test_serve_http import MAX_TOKENS, PROMPTS, complete, deploy, expected_texts, serve_http  # noqa: F401
+
+ENGINE = {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 64, "num_threads": 1}
+
+
+def autoscaling(**overrides) -> dict:
+    # Short delays so the test takes a minute, not the production defaults' ten.
+    return {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 0,
+            "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2, "look_back_period_s": 1, **overrides}
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications[APP_NAME].deployments["AttentionReplica"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@pytest.mark.slow
+def test_the_group_scales_to_zero_and_a_burst_at_zero_is_served_once_it_is_back(serve_http, mixtral_dir, record_property):  # noqa: F811
+    import ray
+    from ray import serve
+
+    deploy(serve_http, mixtral_dir, attention={"engine": ENGINE, "autoscaling": autoscaling(initial_replicas=1)},
+           experts={"shards": 2, "idle_release_s": 1})
+    router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
+    assert complete(serve_http, prompt=[1, 2, 3], max_tokens=4).status_code == 200
+
+    # idle: replicas, then shards, go; every CPU the group held comes back
+    assert wait_until(lambda: running_replicas() == 0, 90), serve.status()
+    assert wait_until(lambda: not router.status.remote().result().running, 30)
+    total = ray.cluster_resources()["CPU"]
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= total - 1e-6, 30), ray.available_resources()
+
+    # a burst at zero: every request is held, none fails, each gets what the engine gives alone
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(PROMPTS) * 2) as pool:
+        responses = list(pool.map(
+            lambda pm: complete(serve_http, prompt=pm[0], max_tokens=pm[1], temperature=0, ignore_eos=True),
+            list(zip(PROMPTS, MAX_TOKENS)) * 2,
+        ))
+    cold_start_s = time.monotonic() - started
+    texts = expected_texts(mixtral_dir) * 2
+    for response, text in zip(responses, texts):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == text
+    status = router.status.remote().result()
+    assert status.running and all(status.alive.values())
+    assert running_replicas() >= 1
+    record_property("cold_start_s", round(cold_start_s, 2))
+    print(f"cold start from zero (burst of {len(responses)}): {cold_start_s:.1f}s")
+
+
+@pytest.mark.slow
+def test_a_request_at_zero_past_the_start_bound_gets_503_with_retry_after(serve_http, mixtral_dir):  # noqa: F811
+    deploy(serve_http, mixtral_dir, attention={"engine": ENGINE, "autoscaling": autoscaling(initial_replicas=0),
+                                               "cold_start_timeout_s": 0.5}, experts={"shards": 2})
+    response = complete(serve_http, prompt=[1, 2, 3], max_tokens=4)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "service_unavailable" and "did not start serving within 0.5s" in error["message"]
+    # the held request woke the group: retrying as told succeeds once it is up
+    assert wait_until(lambda: complete(serve_http, prompt=[1, 2, 3], max_tokens=4).status_code == 200, 120)
