@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from mixserve.expert_shards.router import ExpertRouter
+from tests.waiting import wait_until
 
 
 def test_auto_rebalance_copies_the_hot_expert_once_and_then_holds_still(ray_cluster, mixtral_dir):
@@ -30,14 +31,6 @@ def test_auto_rebalance_copies_the_hot_expert_once_and_then_holds_still(ray_clus
     finally:
         router.shutdown()
 
-
-def wait_until(condition, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_shards_start_with_the_first_replica_and_are_released_when_none_is_left(ray_cluster, mixtral_dir):

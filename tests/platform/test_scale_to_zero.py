@@ -11,6 +11,7 @@ import pytest
 
 from mixserve.platform.app import APP_NAME
 from tests.platform.test_serve_http import MAX_TOKENS, PROMPTS, complete, deploy, expected_texts, serve_http  # noqa: F401
+from tests.waiting import wait_until
 
 ENGINE = {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 64, "num_threads": 1}
 
@@ -27,14 +28,6 @@ def running_replicas() -> int:
     status = serve.status().applications[APP_NAME].deployments["AttentionReplica"]
     return status.replica_states.get("RUNNING", 0)
 
-
-def wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
 
 
 @pytest.mark.slow
