@@ -199,6 +199,35 @@ def _cmd_upload(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(ns: argparse.Namespace) -> int:
+    from mixserve.model.args import ModelArgs
+    from mixserve.model.presets import PRESETS, preset
+    from mixserve.platform.config import DeploymentConfig
+    from mixserve.platform.plan import Cluster, PlanError, make_plan
+    from mixserve.platform.weights import open_weights
+
+    config = DeploymentConfig.from_yaml(ns.config)
+    if ns.preset is not None:
+        if ns.preset not in PRESETS:
+            raise _Usage(f"unknown preset {ns.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        args = preset(ns.preset)
+    else:
+        args = ModelArgs.from_folder(open_weights(config.model.source, config.model.cache_dir).folder())
+    if ns.cluster is not None:
+        cluster = Cluster.parse(ns.cluster)
+    elif config.cluster is not None:
+        cluster = Cluster.of(config.cluster.gpu, config.cluster.gpus_per_node, config.cluster.nodes)
+    else:
+        raise _Usage("no cluster to plan for: add a `cluster` section to the config or pass --cluster 8xA100-80GB")
+    try:
+        plan = make_plan(config, args, cluster)
+    except PlanError as exc:
+        raise _Usage(f"does not fit: {exc}") from None
+    print(plan.render())
+    print("fits")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mixserve", description="Serve Mistral / Mixtral with experts disaggregated on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -243,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=8, help="parallel part uploads")
     up.add_argument("--part-mib", type=int, default=64, help="multipart part size in MiB")
     up.set_defaults(func=_cmd_upload)
+
+    pl = sub.add_parser("plan", help="place CONFIG's shards and replicas on a GPU cluster and check memory")
+    pl.add_argument("config", help="deployment YAML")
+    pl.add_argument("--cluster", default=None, help="e.g. 8xA100-80GB, 4xA10G, 2x8xH100 (nodes x GPUs x type); "
+                    "default: the config's cluster section")
+    pl.add_argument("--preset", default=None, help="model shapes from a preset (mixtral-8x7b, mistral-7b, ...) "
+                    "instead of the source's config.json")
+    pl.set_defaults(func=_cmd_plan)
 
     keys = sub.add_parser("keys", help="manage tenants' API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

@@ -161,12 +161,23 @@ class GrpcSection(_Strict):
     )
 
 
+class ClusterSection(_Strict):
+    """The GPU cluster this config is meant for; only `mixserve plan` reads it."""
+
+    gpu: str = Field(..., description="GPU type as clouds name it: A10G, L4, L40S, A100-40GB, A100-80GB, H100, H200.")
+    gpus_per_node: int = Field(8, ge=1, le=16, description="GPUs on each worker node.")
+    nodes: int = Field(1, ge=1, le=1024, description="Worker nodes (at most, with an autoscaling cluster).")
+
+
 class DeploymentConfig(_Strict):
     model: ModelSection = Field(..., description="What to serve and where its weights are.")
     attention: AttentionSection = Field(default_factory=AttentionSection, description="The attention side.")
     experts: ExpertsSection = Field(default_factory=ExpertsSection, description="The expert side.")
     http: HttpSection = Field(default_factory=HttpSection, description="The HTTP front door.")
     grpc: GrpcSection = Field(default_factory=GrpcSection, description="The gRPC front door.")
+    cluster: ClusterSection | None = Field(
+        None, description="The GPU cluster this deployment targets, for `mixserve plan` (serving ignores it).",
+    )
     tenants: list[Tenant] = Field(
         default_factory=list, description="Tenants, their hashed API keys and limits. None at all = no key needed (loopback demos).",
     )
