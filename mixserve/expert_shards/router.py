@@ -35,6 +35,7 @@ class RouterStatus:
     alive: dict[int, bool]
     running: bool = True  # False while released (scaled to zero)
     attention_replicas: int = 0  # attention replicas heard from in the last few seconds
+    last_start_s: float = 0.0  # seconds the last shard group start took
 
 
 class ExpertRouter:
@@ -72,6 +73,7 @@ class ExpertRouter:
         self._last_heard = time.monotonic()
         self._pool_size = 0
         self.starts = 0  # shard group starts (the first, and one per return from zero)
+        self.last_start_s = 0.0  # how long the last start took (actors placed, weights loaded)
         if release_idle_s is None:
             self._start_group()
         self._healer = threading.Thread(target=self._heal_forever, name="shard-healer", daemon=True)
@@ -87,6 +89,7 @@ class ExpertRouter:
         version = self._placement.version + 1 if self.starts else self._placement.version
         self._placement = replace(self._base, version=version)
         self._group = group
+        self.last_start_s = time.monotonic() - started
         self._last_heard = time.monotonic()  # the idle clock starts once the shards are up
         self.starts += 1
         log.warning("expert shards started in %.1fs (placement version %d)", time.monotonic() - started, version)
@@ -179,6 +182,7 @@ class ExpertRouter:
             balance=max_over_mean(shard_tokens),
             alive=self._alive(),
             running=self._group is not None,
+            last_start_s=self.last_start_s,
             attention_replicas=self.live_replicas(),
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ class AttentionReplica:
         stats_target=None,
         stats_reporter: Callable[..., Awaitable[None]] | None = None,
     ):
+        # Wall-clock marks of this replica's start (a cold start's breakdown: experts, weights, ready).
+        self._startup = {"started_at": time.time()}
         config = EngineConfig.model_validate(engine_config)
         # The step thread holds the GIL for most of each step; with the default 5 ms switch
         # interval every request arriving and every output leaving waits behind it (convoy).
@@ -78,11 +81,14 @@ class AttentionReplica:
         kwargs = {}
         if experts_connector is not None:
             kwargs["feed_forward_factory"] = await experts_connector(expert_router)
+        self._startup["experts_ready_at"] = time.time()
         model = await asyncio.to_thread(
             load_model, self._weights, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device, **kwargs
         )
+        self._startup["weights_loaded_at"] = time.time()
         self.model_name = model_name
         self.engine = AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(self._weights.folder()), config))
+        self._startup["ready_at"] = time.time()
         if stats_reporter is not None:
             # Queue figures for /metrics; injected so this package needs nothing of the platform's.
             asyncio.get_running_loop().create_task(self._report_stats(stats_reporter, stats_target))
@@ -116,6 +122,11 @@ class AttentionReplica:
 
     def stats(self) -> dict:
         return {"model": self.model_name, **self.engine.stats()}
+
+    def startup_report(self) -> dict:
+        """When this replica started, connected its experts, loaded its weights and became ready
+        (wall-clock seconds), with what fetching the weights cost."""
+        return {**self._startup, "weights": self.weights_report()}
 
     def weights_report(self) -> dict:
         """What loading the weights cost this replica (bytes fetched, from where), if the source keeps count."""
