@@ -34,12 +34,26 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import format_table, write_results  # noqa: E402
-from benchmarks.engine import ensure_checkpoint  # noqa: E402
+from benchmarks.common import ROOT, format_table, write_results  # noqa: E402
 
 BUCKET = "mixserve-bench"
 PART = 16 << 20
 WORKERS = 16
+SHARD_BYTES = 256 << 20
+
+
+def s3_sized_checkpoint(name: str) -> Path:
+    """The demo checkpoint (same seed, same weights) in files of at most SHARD_BYTES. moto reads a
+    whole object for every ranged GET, so one 2 GB file would make each 16 MiB range cost a 2 GB
+    copy; real S3 costs what the range costs (and real checkpoints come in ~5 GB files)."""
+    from mixserve.model.presets import preset
+    from mixserve.platform.demo_checkpoint import write_checkpoint
+
+    folder = ROOT / "checkpoints" / f"{name}-s3"
+    if not (folder / "config.json").is_file():
+        print(f"writing {name} in {SHARD_BYTES >> 20} MiB files to {folder}", flush=True)
+        write_checkpoint(folder, preset(name), seed=0, shard_bytes=SHARD_BYTES)
+    return folder
 
 
 def free_port() -> int:
@@ -205,7 +219,7 @@ def main() -> None:
     sections = []
     try:
         for name in models:
-            folder = ensure_checkpoint(name)
+            folder = s3_sized_checkpoint(name)
             uri = f"s3://{BUCKET}/{name}"
             with open(os.devnull, "w") as quiet:
                 upload = upload_checkpoint(folder, uri, workers=8, out=quiet)
@@ -257,6 +271,8 @@ so both are bound by it; on EC2 against S3 the parallel GETs are network bound. 
 is the replica's wait for the router to start the shard group (actors placed, each fetching and
 loading its own experts); 'scale-up s' is Serve noticing the request at zero and starting the
 replica. The second start finds every tensor in the node's disk cache (re-hashed on reuse).
+The checkpoints are the demo ones written in files of at most 256 MiB: moto reads a whole
+object for each ranged GET, which real S3 does not.
 """
 
 

@@ -98,11 +98,13 @@ class ExpertRouter:
         with self._change:
             if self._group is None or self._release_idle_s is None:
                 return
-            if time.monotonic() - self._last_heard < self._release_idle_s:
+            # A replica counts as gone only after REPLICA_SILENT_S without a heartbeat: a busy one
+            # (loading weights, a long step on a saturated node) may skip a beat or two.
+            if time.monotonic() - self._last_heard < self._release_idle_s + REPLICA_SILENT_S:
                 return
             group, self._group, self._addresses = self._group, None, {}
             group.shutdown()  # kills the actors and removes the placement group: resources go back
-            log.warning("no attention replica for %.0fs: expert shards released", self._release_idle_s)
+            log.warning("no attention replica for %.0fs: expert shards released", self._release_idle_s + REPLICA_SILENT_S)
 
     def attach(self, replica: str) -> Placement:
         """An attention replica starting (or still alive): the shards are started if they were

@@ -84,8 +84,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     serve.start(**config.serve_start_options())
     serve.run(app, name=APP_NAME, route_prefix="/")
     grpc_note = f", gRPC on port {config.grpc.port}" if config.grpc.port else ""
+    scaling = config.attention.autoscaling
+    replicas = (f"{scaling.min_replicas} to {scaling.max_replicas} autoscaled" if scaling else str(config.attention.replicas))
     print(f"mixserve: serving {config.model.name} at http://{config.http.host}:{config.http.port}/v1{grpc_note} "
-          f"({config.attention.replicas} attention replicas, {config.experts.shards or 'in-process'} expert shards)",
+          f"({replicas} attention replicas, {config.experts.shards or 'in-process'} expert shards)",
           flush=True)
     if ns.detach:
         return 0

@@ -131,7 +131,8 @@ class ExpertsSection(_Strict):
     idle_release_s: float = Field(
         30.0, ge=0,
         description="With attention autoscaling down to zero: seconds without any attention replica after which "
-        "the shards are stopped and their placement group released (they start again with the first replica).",
+        "the shards are stopped and their placement group released (they start again with the first replica). "
+        "A replica counts as gone 5 s after its last heartbeat.",
     )
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs each expert shard reserves.")
     gpus_per_shard: float = Field(0.0, ge=0, description="Ray GPUs each expert shard reserves.")

@@ -76,3 +76,42 @@ def test_a_request_at_zero_past_the_start_bound_gets_503_with_retry_after(serve_
     assert error["type"] == "service_unavailable" and "did not start serving within 0.5s" in error["message"]
     # the held request woke the group: retrying as told succeeds once it is up
     assert wait_until(lambda: complete(serve_http, prompt=[1, 2, 3], max_tokens=4).status_code == 200, 120)
+
+
+@pytest.mark.slow
+def test_steady_load_holds_the_replica_count_still(serve_http, mixtral_dir):  # noqa: F811
+    """Closed-loop clients keep a constant number of requests in flight: once the autoscaler has
+    reached the count that load calls for, it must stay there (no flapping up and down)."""
+    import threading
+
+    from ray import serve
+
+    deploy(serve_http, mixtral_dir, attention={"engine": ENGINE, "autoscaling": autoscaling(
+        min_replicas=1, initial_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=1,
+        downscale_delay_s=3)}, experts={"shards": 2})
+    router = serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME)
+    stop = threading.Event()
+    failures: list[int] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            status = complete(serve_http, prompt=[1, 2, 3, 4], max_tokens=24, ignore_eos=True).status_code
+            if status != 200:
+                failures.append(status)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: running_replicas() == 2, 60), serve.status()  # 4 in flight / target 2
+        samples = []
+        for _ in range(30):  # 15 s of steady load
+            samples.append(running_replicas())
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failures
+    assert set(samples) == {2}, samples
+    assert router.status.remote().result().running
