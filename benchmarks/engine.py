@@ -97,6 +97,15 @@ def measure(engine: str, generate, model: str, dtype: str, concurrency: list[int
     return figures
 
 
+def moe_kernel_used(dtype: str) -> str:
+    """What 'auto' resolves to here: zentorch's fused layer when installed and working, else grouped oneDNN."""
+    from mixserve.model.factory import DTYPES
+    from mixserve.model.moe_kernels import resolve_moe_kernel
+
+    kernel = resolve_moe_kernel("auto", DTYPES[dtype], "cpu")
+    return "zentorch fused" if kernel == "zentorch" else "grouped oneDNN GEMMs"
+
+
 def run_mixserve(folder: Path, dtype: str, concurrency: list[int], new_tokens: int, prompt_len: int, repeats: int) -> Figures:
     from mixserve import LLM, SamplingParams
 
@@ -213,7 +222,9 @@ def main() -> None:
                 "weight bytes read per decode step (experts: expected distinct experts under uniform top-2 routing). "
                 "'x vLLM' and 'x transformers' are mixserve's speed-ups (> 1 = mixserve faster); vLLM's figure is its "
                 "best over the thread-binding settings tried. 'floor / mixserve' is how far mixserve is from the "
-                "bandwidth floor (1.0 = at the floor, below 1 = faster than the copy-bandwidth estimate)."
+                "bandwidth floor (1.0 = at the floor, below 1 = faster than the copy-bandwidth estimate). "
+                f"mixserve's MoE kernel (EngineConfig.moe_kernel 'auto'): float32 {moe_kernel_used('float32')}, "
+                f"bfloat16 {moe_kernel_used('bfloat16')}."
             )
             write_results(f"engine.py {model_name}", table + "\n\n" + notes)
 

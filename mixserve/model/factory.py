@@ -9,6 +9,7 @@ import torch
 from mixserve.model.args import ModelArgs
 from mixserve.model.checkpoint import load_weights
 from mixserve.model.layers import RotaryEmbedding
+from mixserve.model.moe_kernels import resolve_moe_kernel
 from mixserve.model.packed import pack_model
 from mixserve.model.transformer import Transformer, default_feed_forward
 from mixserve.model.weights_source import WeightsSource, as_weights_source
@@ -38,9 +39,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     feed_forward_factory=default_feed_forward,
+    moe_kernel: str = "auto",
 ) -> Transformer:
+    """The model from a checkpoint, weights loaded and prepared. moe_kernel: 'auto' (a fused
+    library kernel when one works here, see mixserve.model.moe_kernels), 'torch' or 'zentorch'."""
     source = as_weights_source(checkpoint)
     args = ModelArgs.from_folder(source.folder())
     model = create_model(args, max_positions or args.max_position_embeddings, dtype, device, feed_forward_factory)
     load_weights(model, source, args)
-    return pack_model(model)
+    return pack_model(model, resolve_moe_kernel(moe_kernel, dtype, device) if args.is_moe else "torch")

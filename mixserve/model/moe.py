@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixserve.model.moe_kernels import fused_moe
 from mixserve.model.packed import PackedWeight
 
 
@@ -99,8 +100,11 @@ class LocalExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.packed: list[tuple[PackedWeight, PackedWeight]] | None = None
+        self.fused = False  # the whole layer in one library kernel (mixserve.model.moe_kernels)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_moe(x, self.w13, self.w2, expert_ids, weights)
         if x.shape[0] == 1 and self.packed is not None:
             # One token (batch-1 decode): no grouping needed, and every saved op shows at this size.
             out = None
@@ -117,6 +121,8 @@ class LocalExperts(nn.Module):
         """Unweighted expert outputs for token groups: rows start..end of grouped_x go through
         expert e for each (e, start, end). Expert shards call this with their own groups."""
         outputs = torch.empty_like(grouped_x)
+        if self.fused:
+            raise RuntimeError("run_groups is the grouped path; this layer was prepared for a fused kernel")
         for expert, start, end in segments:
             group = grouped_x[start:end]
             if self.packed is not None:
@@ -125,8 +131,13 @@ class LocalExperts(nn.Module):
                 outputs[start:end] = swiglu_expert(group, self.w13[expert], self.w2[expert])
         return outputs
 
-    def pack_weights(self) -> None:
-        """Prepacks each expert's w13 and w2 once, after loading, and drops the stacked copies."""
+    def pack_weights(self, moe_kernel: str = "torch") -> None:
+        """Prepares the weights once, after loading: kept stacked for a fused kernel, else each
+        expert's w13 and w2 prepacked for oneDNN (and the stacked copies dropped)."""
+        if moe_kernel == "zentorch":
+            self.fused = True
+            self.w13.data, self.w2.data = self.w13.data.contiguous(), self.w2.data.contiguous()
+            return
         self.packed = [(PackedWeight(self.w13[e]), PackedWeight(self.w2[e])) for e in range(self.num_experts)]
         del self.w13, self.w2
 

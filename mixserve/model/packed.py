@@ -82,14 +82,15 @@ class PackedLinear(nn.Module):
         return self.packed(x)
 
 
-def pack_model(model: nn.Module) -> nn.Module:
+def pack_model(model: nn.Module, moe_kernel: str = "torch") -> nn.Module:
     """Replaces every bias-free nn.Linear by a PackedLinear and asks modules with stacked
-    weights (experts) to pack themselves. Call once, after the weights are loaded."""
+    weights (experts) to prepare themselves for `moe_kernel` ('torch' or 'zentorch', already
+    resolved). Call once, after the weights are loaded."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear) and child.bias is None:
             setattr(model, name, PackedLinear(child))
         else:
-            pack_model(child)
+            pack_model(child, moe_kernel)
     if hasattr(model, "pack_weights"):
-        model.pack_weights()
+        model.pack_weights(moe_kernel)
     return model

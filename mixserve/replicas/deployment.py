@@ -83,7 +83,8 @@ class AttentionReplica:
             kwargs["feed_forward_factory"] = await experts_connector(expert_router)
         self._startup["experts_ready_at"] = time.time()
         model = await asyncio.to_thread(
-            load_model, self._weights, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device, **kwargs
+            load_model, self._weights, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device,
+            moe_kernel=config.moe_kernel, **kwargs
         )
         self._startup["weights_loaded_at"] = time.time()
         self.model_name = model_name

@@ -76,7 +76,9 @@ class LLMEngine:
             raise ValueError(
                 f"max_model_len {max_len} exceeds the model's max_position_embeddings ({args.max_position_embeddings})"
             )
-        model = load_model(source, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device)
+        model = load_model(
+            source, max_positions=max_len, dtype=DTYPES[config.dtype], device=config.device, moe_kernel=config.moe_kernel
+        )
         return cls(model, Tokenizer.from_checkpoint(source.folder()), config)
 
     # ---- requests ---------------------------------------------------------------------------

@@ -60,3 +60,34 @@ def test_no_token_is_dropped_when_every_token_picks_the_same_experts():
         gate, up = F.linear(x, experts.w13[e]).chunk(2, dim=-1)
         expected += 0.5 * F.linear(F.silu(gate) * up, experts.w2[e])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_the_fused_kernel_equals_the_grouped_one_whatever_the_routing():
+    from mixserve.model.moe_kernels import zentorch_fused_moe_works
+
+    if not zentorch_fused_moe_works(torch.float32):
+        pytest.skip("zentorch (the amd extra) is not installed or unusable here")
+    torch.manual_seed(3)
+    grouped, fused = LocalExperts(8, 64, 96), LocalExperts(8, 64, 96)
+    with torch.no_grad():
+        grouped.w13.normal_(0, 0.1), grouped.w2.normal_(0, 0.1)
+        fused.w13.copy_(grouped.w13), fused.w2.copy_(grouped.w2)
+    grouped.pack_weights("torch")
+    fused.pack_weights("zentorch")
+    for tokens in (1, 3, 17, 64):
+        x = torch.randn(tokens, 64)
+        weights, ids = top_k_gating(torch.randn(tokens, 8), 2)
+        ids[: tokens // 2] = torch.tensor([5, 2])  # skew: half the tokens on the same two experts
+        want, got = grouped(x, ids, weights), fused(x, ids, weights)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+def test_an_unknown_or_unavailable_moe_kernel_is_refused():
+    from mixserve.model.moe_kernels import resolve_moe_kernel
+
+    with pytest.raises(ValueError, match="unknown MoE kernel"):
+        resolve_moe_kernel("fastest", torch.float32, "cpu")
+    assert resolve_moe_kernel("torch", torch.float32, "cpu") == "torch"
+    assert resolve_moe_kernel("auto", torch.float32, "meta") == "torch"  # fused kernels are for CPUs
+    with pytest.raises(ValueError, match="zentorch"):
+        resolve_moe_kernel("zentorch", torch.bfloat16, "cpu")  # its bf16 path fails the probe here

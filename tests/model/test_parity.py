@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mixserve import LLM, SamplingParams
+from mixserve.model.moe_kernels import zentorch_fused_moe_works
 from mixserve.model.presets import preset
 from mixserve.platform.demo_checkpoint import write_checkpoint
 
@@ -35,16 +36,24 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
+# Mixtral runs through both MoE kernels: the grouped oneDNN GEMMs and zentorch's fused layer.
+KERNEL_CASES = [(case, "torch") for case in sorted(CASES)] + [
+    pytest.param(case, "zentorch", marks=pytest.mark.skipif(
+        not zentorch_fused_moe_works(torch.float32), reason="zentorch (the amd extra) is not installed or unusable here"))
+    for case in sorted(CASES) if CASES[case][0] == "tiny-mixtral"
+]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_prompt_logprobs_and_greedy_tokens_match_transformers(tmp_path, case, seed):
+@pytest.mark.parametrize(("case", "moe_kernel"), KERNEL_CASES)
+def test_prompt_logprobs_and_greedy_tokens_match_transformers(tmp_path, case, moe_kernel, seed):
     name, overrides = CASES[case]
     args = preset(name, **overrides)
     write_checkpoint(tmp_path, args, seed=seed)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     prompt = torch.randint(3, args.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    llm = LLM(tmp_path, max_model_len=256, max_num_batched_tokens=32)
+    llm = LLM(tmp_path, max_model_len=256, max_num_batched_tokens=32, moe_kernel=moe_kernel)
     out = llm.generate(
         [prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, prompt_logprobs=True)
     )[0]
