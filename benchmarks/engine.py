@@ -98,11 +98,12 @@ def measure(engine: str, generate, model: str, dtype: str, concurrency: list[int
 
 
 def moe_kernel_used(dtype: str) -> str:
-    """What 'auto' resolves to here: zentorch's fused layer when installed and working, else grouped oneDNN."""
+    """What the default EngineConfig.moe_kernel resolves to here."""
     from mixserve.model.factory import DTYPES
     from mixserve.model.moe_kernels import resolve_moe_kernel
+    from mixserve.replicas.engine_config import EngineConfig
 
-    kernel = resolve_moe_kernel("auto", DTYPES[dtype], "cpu")
+    kernel = resolve_moe_kernel(EngineConfig().moe_kernel, DTYPES[dtype], "cpu")
     return "zentorch fused" if kernel == "zentorch" else "grouped oneDNN GEMMs"
 
 
@@ -223,7 +224,7 @@ def main() -> None:
                 "'x vLLM' and 'x transformers' are mixserve's speed-ups (> 1 = mixserve faster); vLLM's figure is its "
                 "best over the thread-binding settings tried. 'floor / mixserve' is how far mixserve is from the "
                 "bandwidth floor (1.0 = at the floor, below 1 = faster than the copy-bandwidth estimate). "
-                f"mixserve's MoE kernel (EngineConfig.moe_kernel 'auto'): float32 {moe_kernel_used('float32')}, "
+                f"mixserve's MoE kernel (EngineConfig.moe_kernel default): float32 {moe_kernel_used('float32')}, "
                 f"bfloat16 {moe_kernel_used('bfloat16')}."
             )
             write_results(f"engine.py {model_name}", table + "\n\n" + notes)

@@ -223,7 +223,7 @@ class ExpertRouter:
             # Expert capacity follows the attention pool: when it grows, hot experts get their
             # copies now rather than at the next periodic check.
             pool = self.live_replicas()
-            grew, self._pool_size = pool > self._pool_size, pool
+            grew, self._pool_size = 0 < self._pool_size < pool, pool  # the first replica is no growth
             periodic = self._auto_rebalance_s and time.monotonic() - last_rebalance >= self._auto_rebalance_s
             if periodic or (grew and self._replicate_hottest):
                 last_rebalance = time.monotonic()

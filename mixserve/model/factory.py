@@ -39,10 +39,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     feed_forward_factory=default_feed_forward,
-    moe_kernel: str = "auto",
+    moe_kernel: str = "torch",
 ) -> Transformer:
-    """The model from a checkpoint, weights loaded and prepared. moe_kernel: 'auto' (a fused
-    library kernel when one works here, see mixserve.model.moe_kernels), 'torch' or 'zentorch'."""
+    """The model from a checkpoint, weights loaded and prepared. moe_kernel: 'torch' (grouped
+    oneDNN GEMMs), 'zentorch' (one fused kernel a layer, see mixserve.model.moe_kernels) or 'auto'."""
     source = as_weights_source(checkpoint)
     args = ModelArgs.from_folder(source.folder())
     model = create_model(args, max_positions or args.max_position_embeddings, dtype, device, feed_forward_factory)

@@ -4,9 +4,11 @@ Why: on CPUs, decode through a Mixtral layer is a dozen small GEMMs (two per act
 that each stream their weights from memory; separate oneDNN calls reach 19-27 GB/s here against
 ~31 GB/s of read bandwidth. AMD's zentorch (the ZenDNN plugin for PyTorch, the optional `amd`
 extra) runs the whole layer (top-k dispatch, SwiGLU, weighted combine) as one fused kernel:
-measured on the 2-core EPYC CI machine in float32 for small-mixtral's 1024 -> 2816 experts,
-9.1 ms a layer against 11.7 (8 tokens) and 12.4 (32 tokens) for the grouped oneDNN path,
-results within 5e-6. It is the kernel vLLM's CPU build uses when zentorch is present.
+measured alone on the 2-core EPYC CI machine in float32 for small-mixtral's 1024 -> 2816
+experts, 9.1 ms a layer against 11.7 (8 tokens) and 12.4 (32 tokens) for the grouped oneDNN
+path, equal at 512, results within 5e-6. It is the kernel vLLM's CPU build uses when zentorch
+is present. Inside the engine the picture is mixed: A/B runs gave +10 to +40% decode at 8
+sequences but 20 to 40% slower 512-token prefill, so it is opt-in (EngineConfig.moe_kernel).
 
 The library is optional and probed once: it must import, match the grouped reference on a
 small problem, and support the dtype; otherwise the grouped path runs. Shape legend: T tokens,

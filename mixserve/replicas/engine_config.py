@@ -41,10 +41,11 @@ class EngineConfig(BaseModel):
         "auto", description="Attention kernel: PyTorch SDPA, or flash-attn on GPUs (the 'gpu' extra)."
     )
     moe_kernel: Literal["auto", "torch", "zentorch"] = Field(
-        "auto",
-        description="Kernel for in-process experts: 'zentorch' runs each MoE layer as one fused kernel (AMD's "
-        "ZenDNN plugin, the 'amd' extra; about 1.3x faster decode on EPYC CPUs), 'torch' the grouped oneDNN GEMMs; "
-        "'auto' takes zentorch when it is installed and passes its check.",
+        "torch",
+        description="Kernel for in-process experts: 'torch' the grouped oneDNN GEMMs; 'zentorch' each MoE layer as "
+        "one fused kernel (AMD's ZenDNN plugin, the 'amd' extra: faster small-batch decode, slower prefill on the "
+        "EPYC machines measured, see mixserve/model/moe_kernels.py); 'auto' takes zentorch when it is installed "
+        "and passes its check.",
     )
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default leaves torch's own choice."

@@ -60,3 +60,22 @@ def test_shards_start_with_the_first_replica_and_are_released_when_none_is_left(
     finally:
         if router._group is not None:
             router.shutdown()
+
+
+def test_hot_experts_get_copies_as_soon_as_the_attention_pool_grows(ray_cluster, mixtral_dir):
+    # No periodic rebalancing at all: only the pool growing from one replica to two triggers it.
+    router = ExpertRouter(
+        str(mixtral_dir), num_experts=8, n_shards=2, experts_per_shard=5, replicate_hottest=1,
+        cpus_per_shard=0.5, num_threads=1, auto_rebalance_s=0.0,
+    )
+    try:
+        router.heartbeat("replica-a")
+        router.report_load([300, 100], [40, 220, 20, 20, 25, 25, 25, 25])  # expert 1 (shard 0) is hot
+        time.sleep(5)  # one replica, steady: nothing changes
+        assert router.placement().version == 0
+        router.heartbeat("replica-b")  # the pool grows
+        assert wait_until(lambda: router.placement().version == 1, 15)
+        assert sorted(router.placement().holders[1]) == [0, 1]
+        assert router.status().attention_replicas == 2
+    finally:
+        router.shutdown()

@@ -35,8 +35,10 @@ def test_the_ray_up_config_validates_against_rays_cluster_schema():
     validate_config(prepare_config(config))  # what `ray up` itself runs, defaults filled in
     types = {t["node_config"]["InstanceType"] for t in config["available_node_types"].values()}
     assert {"g5.12xlarge", "p4d.24xlarge", "p5.48xlarge"} <= types
-    assert all(t["node_config"].get("IamInstanceProfile") for t in config["available_node_types"].values())
-    assert any("[gpu]" in c for c in config["setup_commands"])
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert all(t["node_config"]["IamInstanceProfile"]["Name"] == "mixserve-s3-read" for t in workers)
+    assert any("[gpu]" in c for c in config["worker_setup_commands"])
+    assert not any("[gpu]" in c for c in config["head_setup_commands"])  # a CPU head cannot build flash-attn
     text = (INFRA / "ray-up" / "aws-gpu.yaml").read_text()
     assert "aws_access_key_id" not in text.lower() and "aws_secret" not in text.lower()
 
