@@ -68,13 +68,17 @@ def test_hot_experts_get_copies_as_soon_as_the_attention_pool_grows(ray_cluster,
         str(mixtral_dir), num_experts=8, n_shards=2, experts_per_shard=5, replicate_hottest=1,
         cpus_per_shard=0.5, num_threads=1, auto_rebalance_s=0.0,
     )
+    def beat(*replicas: str) -> bool:  # live replicas heartbeat every second or so
+        for replica in replicas:
+            router.heartbeat(replica)
+        return False
+
     try:
-        router.heartbeat("replica-a")
         router.report_load([300, 100], [40, 220, 20, 20, 25, 25, 25, 25])  # expert 1 (shard 0) is hot
-        time.sleep(5)  # one replica, steady: nothing changes
+        wait_until(lambda: beat("replica-a"), 5, every_s=0.5)  # one replica, steady: nothing changes
         assert router.placement().version == 0
-        router.heartbeat("replica-b")  # the pool grows
-        assert wait_until(lambda: router.placement().version == 1, 15)
+        # the pool grows to two replicas
+        assert wait_until(lambda: beat("replica-a", "replica-b") or router.placement().version == 1, 15, every_s=0.5)
         assert sorted(router.placement().holders[1]) == [0, 1]
         assert router.status().attention_replicas == 2
     finally:
