@@ -44,9 +44,8 @@ class ExpertShardActor:
         return self.info()
 
     def weights_report(self) -> dict:
-        """What loading cost this shard (bytes fetched, from where), if its source keeps count."""
-        report = getattr(self._shard.weights, "report", None)
-        return report() if report is not None else {}
+        """What loading cost this shard (bytes fetched, from where)."""
+        return self._shard.weights.report()
 
     def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> tuple[np.ndarray, float]:
         """(outputs, seconds spent computing them)."""
@@ -130,7 +129,7 @@ def start_shard_group(
             f"the cluster cannot fit {placement.n_shards} expert shards of {bundle} within {ready_timeout_s:.0f}s"
         ) from None
     group = ShardGroup(placement, {}, pg, dict(
-        checkpoint=str(checkpoint) if isinstance(checkpoint, Path) else checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
+        checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
         gpus_per_shard=gpus_per_shard, num_threads=num_threads,
     ))
     try:

@@ -92,7 +92,7 @@ class ExpertRouter:
         self.last_start_s = time.monotonic() - started
         self._last_heard = time.monotonic()  # the idle clock starts once the shards are up
         self.starts += 1
-        log.warning("expert shards started in %.1fs (placement version %d)", time.monotonic() - started, version)
+        log.warning("expert shards started in %.1fs (placement version %d)", self.last_start_s, version)
 
     def _release_if_idle(self) -> None:
         with self._change:
@@ -158,6 +158,8 @@ class ExpertRouter:
     def _rebalance(self) -> int:
         import ray
 
+        if self._group is None:
+            return self._placement.version
         _, expert_tokens = self._window()
         new = self._placement.replicate_hottest(expert_tokens, count=self._replicate_hottest)
         added = [
@@ -166,8 +168,6 @@ class ExpertRouter:
             for shard in holders
             if shard not in self._placement.holders[expert]
         ]
-        if self._group is None:
-            return self._placement.version
         ray.get([self._group.actors[shard].add_expert.remote(expert) for expert, shard in added])
         self._placement = new
         return new.version

@@ -18,9 +18,9 @@ from mixserve.errors import CheckpointError
 from mixserve.model.args import ModelArgs
 from mixserve.model.checkpoint import load_weights
 from mixserve.model.factory import DTYPES
-from mixserve.model.weights_source import WeightsSource, as_weights_source
 from mixserve.model.moe import LocalExperts
 from mixserve.model.packed import pack_model
+from mixserve.model.weights_source import WeightsSource, as_weights_source
 
 
 class _FeedForward(nn.Module):

@@ -4,7 +4,7 @@ The loader (mixserve.model.checkpoint) asks a `WeightsSource` for the names and 
 tensors, then for exactly the tensors the module being filled holds, so an attention replica
 never reads an expert's bytes and an expert shard reads only its own experts. `LocalFolder`
 reads a folder with safetensors; mixserve.platform adds an object-store source (S3) behind the
-same three methods, so nothing below this line knows about networks.
+same methods, so nothing below this line knows about networks.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class WeightsSource(Protocol):
         """Where the checkpoint is, for messages (never with credentials)."""
         ...
 
+    def report(self) -> dict:
+        """What reading the weights cost this process (bytes fetched, from where); {} if nothing to tell."""
+        ...
+
 
 def as_weights_source(checkpoint: str | Path | WeightsSource) -> WeightsSource:
     """A WeightsSource as it is, or a LocalFolder for a path."""
@@ -71,6 +75,9 @@ class LocalFolder:
 
     def describe(self) -> str:
         return str(self.path)
+
+    def report(self) -> dict:
+        return {}  # read in place: nothing was fetched
 
     def files(self) -> list[Path]:
         folder = self.path

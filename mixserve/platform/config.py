@@ -14,8 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mixserve.errors import MixserveError
+from mixserve.errors import CheckpointError, MixserveError
 from mixserve.platform.tenants import Tenant, TenantsError, load_tenants
+from mixserve.platform.weights.s3_client import S3Location
 from mixserve.replicas.engine_config import EngineConfig
 
 
@@ -50,8 +51,10 @@ class ModelSection(_Strict):
     @classmethod
     def _local_folder_exists(cls, value: str) -> str:
         if value.startswith("s3://"):
-            if not value[len("s3://"):].split("/")[0]:
-                raise ValueError(f"{value!r} names no bucket (expected s3://bucket/prefix)")
+            try:
+                S3Location.parse(value)
+            except CheckpointError as exc:
+                raise ValueError(str(exc)) from None
             return value
         if "://" in value:
             raise ValueError(f"unsupported checkpoint source {value!r}: use a local folder or s3://bucket/prefix")

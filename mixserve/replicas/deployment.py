@@ -130,9 +130,8 @@ class AttentionReplica:
         return {**self._startup, "weights": self.weights_report()}
 
     def weights_report(self) -> dict:
-        """What loading the weights cost this replica (bytes fetched, from where), if the source keeps count."""
-        report = getattr(self._weights, "report", None)
-        return report() if report is not None else {}
+        """What loading the weights cost this replica (bytes fetched, from where)."""
+        return self._weights.report()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

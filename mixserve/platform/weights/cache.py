@@ -33,14 +33,18 @@ class TensorCache:
         safe_tensor = re.sub(r"[^A-Za-z0-9_.-]", "_", tensor)
         return self.root / _safe_name(bucket) / key_hash / f"{safe_etag}-{size}" / safe_tensor
 
-    def get(self, bucket: str, key: str, etag: str, size: int, tensor: str, nbytes: int) -> bytearray | None:
-        """The cached bytes if present, of the right length and matching their recorded hash."""
+    def get(self, bucket: str, key: str, etag: str, size: int, tensor: str, nbytes: int,
+            expected_digest: str | None = None) -> bytearray | None:
+        """The cached bytes if present, of the right length and matching their recorded hash
+        (and `expected_digest`, the manifest's, when given)."""
         path = self._entry(bucket, key, etag, size, tensor)
         digest_path = path.with_name(path.name + ".sha256")
         try:
             if path.stat().st_size != nbytes:
                 return None
             expected = digest_path.read_text().strip()
+            if expected_digest is not None and expected != expected_digest:
+                return None
             data = bytearray(nbytes)
             with open(path, "rb") as f:
                 if f.readinto(data) != nbytes:

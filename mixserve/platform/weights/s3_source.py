@@ -260,12 +260,8 @@ class S3Checkpoint:
 
     def _from_cache(self, cache: TensorCache, tensor: _Tensor) -> bytearray | None:
         obj = self.objects()[tensor.file]
-        data = cache.get(self.location.bucket, obj.key, obj.etag, obj.size, tensor.entry.name, tensor.entry.nbytes)
-        if data is not None and self._manifest is not None:
-            expected = self._manifest.tensor_digest(tensor.file, tensor.entry.name)
-            if expected is not None and sha256_hex(data) != expected:
-                return None
-        return data
+        expected = self._manifest.tensor_digest(tensor.file, tensor.entry.name) if self._manifest else None
+        return cache.get(self.location.bucket, obj.key, obj.etag, obj.size, tensor.entry.name, tensor.entry.nbytes, expected)
 
     def _verify(self, tensor: _Tensor, data: bytearray) -> str:
         digest = sha256_hex(data)

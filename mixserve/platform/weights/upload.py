@@ -55,21 +55,19 @@ def digest_file(path: Path, part_bytes: int, safetensors: bool) -> FileDigest:
             n = header_length(f.read(LENGTH_BYTES), str(path))
             entries = sorted(parse_header(f.read(n), size, str(path)).values(), key=lambda e: e.start)
     hashers = {e.name: hashlib.sha256() for e in entries}
-    part_md5s, whole_md5 = [], hashlib.md5(usedforsecurity=False)
+    part_md5s = []
     offset = 0
     with open(path, "rb") as f:
         while chunk := f.read(part_bytes):
             part_md5s.append(hashlib.md5(chunk, usedforsecurity=False).digest())
-            if size < part_bytes:
-                whole_md5.update(chunk)
             end = offset + len(chunk)
             for e in entries:
                 lo, hi = max(e.start, offset), min(e.end, end)
                 if lo < hi:
                     hashers[e.name].update(memoryview(chunk)[lo - offset:hi - offset])
             offset = end
-    if size < part_bytes:
-        etag = whole_md5.hexdigest()
+    if size < part_bytes:  # one PUT: the ETag is the file's MD5, i.e. its only part's
+        etag = (part_md5s[0] if part_md5s else hashlib.md5(b"", usedforsecurity=False).digest()).hex()
     else:
         etag = f"{hashlib.md5(b''.join(part_md5s), usedforsecurity=False).hexdigest()}-{len(part_md5s)}"
     return FileDigest(size, etag, {name: h.hexdigest() for name, h in hashers.items()})
