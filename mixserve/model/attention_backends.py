@@ -67,20 +67,19 @@ class SdpaBackend:
 
     @staticmethod
     def _prefill(layer, q, k, v, p, cache):
-        # C = chunk tokens, Lc = cached entries, G = query heads per KV head
+        # C = chunk tokens, Lc = cached entries, KV = key/value heads
         k_slot, v_slot = cache.k[layer, p.slot], cache.v[layer, p.slot]  # [KV, W, Dh]
         keys = torch.cat([k_slot[:, : p.cached_len], k.transpose(0, 1)], dim=1)  # [KV, Lc+C, Dh]
         values = torch.cat([v_slot[:, : p.cached_len], v.transpose(0, 1)], dim=1)
-        c, h, dh = q.shape
-        kv = keys.shape[0]
-        g = h // kv
-        grouped = q.transpose(0, 1).reshape(kv, g * c, dh)  # [KV, G*C, Dh], head = kv*G + g
-        mask = p.mask.repeat(g, 1)  # [G*C, Lc+C]
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)  # [KV, G*C, Dh]
+        # 4-D with enable_gqa: SDPA's CPU flash kernel reads each KV head for its H/KV query
+        # heads without copying it (3-D inputs fall back to the math path, ~4x slower here).
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=p.bias, enable_gqa=True
+        )  # [1, H, C, Dh]
         # Write after attending: the chunk's own writes may overwrite entries its first queries need.
-        k_slot.index_copy_(1, p.write_index, k.transpose(0, 1))
-        v_slot.index_copy_(1, p.write_index, v.transpose(0, 1))
-        return out.reshape(h, c, dh).transpose(0, 1)
+        k_slot.index_copy_(1, p.write_index, k[p.write_from :].transpose(0, 1))
+        v_slot.index_copy_(1, p.write_index, v[p.write_from :].transpose(0, 1))
+        return out[0].transpose(0, 1)
 
 
 class FlashAttentionBackend:
@@ -115,15 +114,16 @@ class FlashAttentionBackend:
             )[:, 0]
         for p in meta.prefills:
             rows = slice(p.token_offset, p.token_offset + p.length)
-            start = int(p.write_index[0])  # = chunk start % W
+            start = p.start % cache.window
             cached_k, cached_v = k_pool[p.slot, : p.cached_len], v_pool[p.slot, : p.cached_len]
             if p.cached_len == cache.window:  # wrapped: the oldest position sits at start % W
                 cached_k, cached_v = cached_k.roll(-start, 0), cached_v.roll(-start, 0)
             keys = torch.cat([cached_k, k[rows]])[None]  # [1, Lc + C, KV, Dh]
             values = torch.cat([cached_v, v[rows]])[None]
             out[rows] = self._func(q[rows][None], keys, values, causal=True, window_size=(cache.window - 1, 0))[0]
-            k_pool[p.slot, p.write_index] = k[rows]
-            v_pool[p.slot, p.write_index] = v[rows]
+            written = slice(p.token_offset + p.write_from, p.token_offset + p.length)  # the chunk's last W
+            k_pool[p.slot, p.write_index] = k[written]
+            v_pool[p.slot, p.write_index] = v[written]
         return out
 
 

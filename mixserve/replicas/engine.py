@@ -58,7 +58,8 @@ class LLMEngine:
                 f"positions ({bytes_per_slot / 1024**2:.0f} MiB each); raise it or lower max_model_len"
             )
         self.cache = RollingKVCache(self.args, n_slots, self.window, dtype, config.device)
-        chunk = min(config.prefill_chunk_size or config.max_num_batched_tokens, self.window)
+        # A chunk may span several windows (mixserve.model.cache): the step budget bounds it.
+        chunk = config.prefill_chunk_size or config.max_num_batched_tokens
         self.scheduler = Scheduler(n_slots, max(config.max_num_batched_tokens, n_slots), chunk)
         self.model.backend = make_backend(config.attention_backend, config.device, dtype)
         self._requests: dict[str, Sequence] = {}
@@ -233,7 +234,7 @@ class LLMEngine:
         device = self.config.device
         batch = MicroBatch(
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
-            meta=build_step_metadata(seq_chunks, self.window, device),
+            meta=build_step_metadata(seq_chunks, self.window, device, self.cache.k.dtype),
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
         )
         return batch, spans

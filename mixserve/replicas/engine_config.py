@@ -24,8 +24,8 @@ class EngineConfig(BaseModel):
     prefill_chunk_size: int | None = Field(
         None,
         ge=1,
-        description="Longest prompt chunk per sequence per step; capped at the sliding window. "
-        "Defaults to the token budget.",
+        description="Longest prompt chunk per sequence per step (it may span several sliding "
+        "windows: each token still attends to exactly its window). Defaults to the token budget.",
     )
     kv_cache_memory_gb: float = Field(
         4.0,

@@ -36,11 +36,41 @@ def test_wrapped_cache_positions_are_masked_by_position_not_index():
     assert pre.write_index.tolist() == [2, 3, 0]
 
 
+def test_a_chunk_longer_than_the_window_sees_only_its_window_and_writes_its_last_w_keys():
+    # W = 3, a 7-token chunk at positions 2..8 after 2 cached tokens (positions 0, 1 at indices 0, 1).
+    meta = build_step_metadata([SequenceChunk(0, 2, 7)], window=3)
+    (pre,) = meta.prefills
+    assert (pre.cached_len, pre.write_from) == (2, 4)
+    assert pre.write_index.tolist() == [0, 1, 2]  # positions 6, 7, 8: the chunk's last W
+    assert torch.equal(pre.bias[0, 0] == 0, pre.mask) and pre.bias[0, 0][~pre.mask].eq(float("-inf")).all()
+    assert pre.mask.tolist() == [
+        # cache 0 1 | chunk 2  3  4  5  6  7  8
+        [T, T, T, F, F, F, F, F, F],  # query 2 sees 0, 1, 2
+        [F, T, T, T, F, F, F, F, F],  # query 3 sees 1, 2, 3
+        [F, F, T, T, T, F, F, F, F],
+        [F, F, F, T, T, T, F, F, F],
+        [F, F, F, F, T, T, T, F, F],
+        [F, F, F, F, F, T, T, T, F],
+        [F, F, F, F, F, F, T, T, T],  # query 8 sees 6, 7, 8
+    ]
+
+
+def test_a_prompt_of_several_windows_prefills_in_one_step(mixtral_dir):
+    llm = LLM(mixtral_dir, max_model_len=256)
+    engine = llm.engine
+    prompt = list(range(3, 3 + 5 * engine.window + 3))
+    engine.add_request("long", prompt, SamplingParams(max_tokens=2, temperature=0.0))
+    first = engine.step()
+    assert [len(out.token_ids) for out in first] == [1]  # the whole prompt ran, a token was sampled
+    engine.abort("long")
+
+
 def test_chunked_prefill_equals_unchunked(mixtral_dir):
     prompt = torch.randint(3, 32000, (90,), generator=torch.Generator().manual_seed(5)).tolist()
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, prompt_logprobs=True, logprobs=0)
     results = []
-    for chunk in (16, 7, 1):  # the window (one chunk per W), an odd size, and token by token
+    # The whole prompt in one step (over 5 windows), 4 windows, the window, an odd size, token by token.
+    for chunk in (None, 64, 16, 7, 1):
         llm = LLM(mixtral_dir, max_model_len=256, prefill_chunk_size=chunk)
         results.append(llm.generate([prompt], params)[0])
     base = results[0]
@@ -74,5 +104,5 @@ def test_cache_memory_per_sequence_is_flat_beyond_the_window(mixtral_dir):
 def test_every_metadata_tensor_lives_on_the_requested_device():
     meta = build_step_metadata([SequenceChunk(0, 7, 1), SequenceChunk(1, 3, 3)], window=4, device="meta")
     tensors = [meta.positions, meta.decode_slots, meta.decode_write_index, meta.decode_mask]
-    tensors += [t for p in meta.prefills for t in (p.mask, p.write_index)]
+    tensors += [t for p in meta.prefills for t in (p.mask, p.bias, p.write_index)]
     assert all(t.device.type == "meta" for t in tensors)
