@@ -46,6 +46,9 @@ def ray_cluster():
     # spend minutes waiting for them. Set before the cluster starts so that its actors see it.
     for name in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
         os.environ.setdefault(name, "0.5")
+    from mixserve.platform.ray_env import apply_serve_env
+
+    apply_serve_env()  # the settings `mixserve serve` runs with
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

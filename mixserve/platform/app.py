@@ -1,5 +1,6 @@
-"""Turning a DeploymentConfig into a Ray Serve application: ingress -> attention replicas ->
-(expert router + shard actors)."""
+"""Turning a DeploymentConfig into a Ray Serve application: front door -> attention replicas ->
+(expert router + shard actors). The front door runs inside the attention replicas (one
+deployment) or apart from them (two), as http.front_door says."""
 
 from __future__ import annotations
 
@@ -57,22 +58,38 @@ def build_app(config: DeploymentConfig) -> Application:
     scaling = (
         {"autoscaling_config": autoscaling.serve_config()} if autoscaling is not None else {"num_replicas": config.attention.replicas}
     )
+    replica_args = {
+        "checkpoint": checkpoint, "model_name": config.model.name, "engine_config": engine.model_dump(),
+        "expert_router": router, "experts_connector": connector, "stats_target": ledger,
+        "stats_reporter": report_replica_stats,
+    }
+    replica_resources = {"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica}
+    # A replica takes 4 x max_num_seqs requests at once (its batch, refilled as sequences end).
+    replica_ongoing = 4 * engine.max_num_seqs
+    door_args = (ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt,
+                 config.http.max_body_bytes, config.attention.cold_start_timeout_s)
+    if config.front_door_in_replicas:
+        # The attention replicas are the ingress: the proxy streams straight from the engine's process.
+        # The replica bounds its own queue (503 in OpenAI's shape), so Serve's limit is the connections.
+        in_process = {"replica": replica_args, "capacity": replica_ongoing + config.attention.max_queued_requests}
+        ingress = HttpIngress.options(
+            name="AttentionReplica", **scaling, max_ongoing_requests=max(config.http.max_connections, in_process["capacity"]),
+            ray_actor_options=replica_resources,
+        )
+        return ingress.bind(None, *door_args, in_process=in_process)
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",
         **scaling,
-        max_ongoing_requests=4 * engine.max_num_seqs,
+        max_ongoing_requests=replica_ongoing,
         max_queued_requests=config.attention.max_queued_requests,
-        ray_actor_options={"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica},
-    ).bind(checkpoint, config.model.name, engine.model_dump(), router, connector, ledger, report_replica_stats)
+        ray_actor_options=replica_resources,
+    ).bind(**replica_args)
     ingress = HttpIngress.options(
         num_replicas=config.http.ingress_replicas, max_ongoing_requests=config.http.max_connections,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(
-        replica, ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt, config.http.max_body_bytes,
-        config.attention.cold_start_timeout_s,
-    )
+    return ingress.bind(replica, *door_args)
 
 
 async def report_replica_stats(ledger, stats: dict) -> None:

@@ -72,6 +72,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     from mixserve.platform.app import APP_NAME, build_app
     from mixserve.platform.config import DeploymentConfig
+    from mixserve.platform.ray_env import apply_serve_env
 
     if ns.detach and not ns.address:
         # A local cluster started by this process dies with it: detaching needs one that outlives us.
@@ -80,6 +81,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     config = DeploymentConfig.from_yaml(ns.config)
     app = build_app(config)  # checks the config against the checkpoint before anything starts
     config.serve_start_options()  # and the proxies' settings
+    apply_serve_env()  # a local cluster started here inherits it; a running one has it from `ray start`
     ray.init(address=ns.address, include_dashboard=False, logging_level="WARNING")
     serve.start(**config.serve_start_options())
     serve.run(app, name=APP_NAME, route_prefix="/")

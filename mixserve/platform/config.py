@@ -150,7 +150,17 @@ class ExpertsSection(_Strict):
 class HttpSection(_Strict):
     host: str = Field("127.0.0.1", description="Listen address; loopback unless you mean to expose the server.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port of the HTTP front door.")
-    ingress_replicas: int = Field(1, ge=1, le=64, description="HTTP ingress replicas (quotas hold across all of them).")
+    front_door: Literal["auto", "replicas", "separate"] = Field(
+        "auto",
+        description="Where the HTTP and gRPC front door runs. 'replicas': inside every attention replica (an output "
+        "never leaves the replica's process before the proxy: the fast path). 'separate': its own deployment of "
+        "`ingress_replicas`, which stays up while the attention replicas are scaled to zero (and answers 503 + "
+        "Retry-After past cold_start_timeout_s). 'auto': 'separate' when the attention replicas can scale to zero "
+        "or ingress_replicas > 1, else 'replicas'.",
+    )
+    ingress_replicas: int = Field(
+        1, ge=1, le=64, description="Front-door replicas with front_door 'separate' (quotas hold across all of them)."
+    )
     max_connections: int = Field(
         1024, ge=1, description="Requests each ingress replica handles at once (streams included); more queue at the proxy."
     )
@@ -193,6 +203,23 @@ class DeploymentConfig(_Strict):
     def scales_to_zero(self) -> bool:
         autoscaling = self.attention.autoscaling
         return autoscaling is not None and autoscaling.min_replicas == 0
+
+    @property
+    def front_door_in_replicas(self) -> bool:
+        """True when the front door runs inside the attention replicas (http.front_door resolved)."""
+        if self.http.front_door == "auto":
+            return not self.scales_to_zero and self.http.ingress_replicas == 1
+        return self.http.front_door == "replicas"
+
+    @model_validator(mode="after")
+    def _front_door_fits(self) -> DeploymentConfig:
+        if self.http.front_door == "replicas" and self.scales_to_zero:
+            raise ValueError("http.front_door 'replicas' cannot answer while the attention replicas are scaled to zero "
+                             "(autoscaling.min_replicas 0): use 'separate' or 'auto'")
+        if self.http.front_door == "replicas" and self.http.ingress_replicas != 1:
+            raise ValueError("http.ingress_replicas applies to front_door 'separate'; with 'replicas' every attention "
+                             "replica is a front door (set attention.replicas or autoscaling)")
+        return self
 
     def serve_start_options(self) -> dict:
         """serve.start() arguments for the proxies this config asks for."""

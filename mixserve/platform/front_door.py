@@ -15,13 +15,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ray.serve.exceptions import BackPressureError
 
 from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
 from mixserve.model.weights_source import WeightsSource, checkpoint_folder
+from mixserve.platform.metering import MeterBatch
 from mixserve.platform.openai_api import TokenText
 from mixserve.platform.tenants import KeyRing, Tenant, resolve_system_prompt
 from mixserve.replicas.async_engine import merge_outputs
@@ -91,6 +92,7 @@ class RequestRecord:
     last_token_at: dict[int, float] = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)
     status: str = "ok"
+    limited: bool = True  # the tenant has quotas: settle at once (else batched, see metering.py)
 
     @property
     def completion_total(self) -> int:
@@ -110,9 +112,12 @@ class RequestRecord:
 
 
 class FrontDoor:
-    def __init__(self, replica, ledger, router, model_name: str, checkpoint: str | WeightsSource, tenants: list[dict],
-                 system_prompt: str | None = None, first_output_timeout_s: float = 300.0):
-        self.replica, self.ledger, self.router = replica, ledger, router
+    """`open_generation(request)` starts one generation and returns its stream of outputs with
+    `cancel()` (mixserve.platform.generations: on the replicas, or in this process)."""
+
+    def __init__(self, open_generation: Callable, ledger, router, model_name: str, checkpoint: str | WeightsSource,
+                 tenants: list[dict], system_prompt: str | None = None, first_output_timeout_s: float = 300.0):
+        self.open_generation, self.ledger, self.router = open_generation, ledger, router
         # Bounds the wait for a request's first output: replicas starting from zero, or a burst.
         self.first_output_timeout_s = first_output_timeout_s
         self.model_name = model_name
@@ -121,6 +126,7 @@ class FrontDoor:
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
         self._settling: set[asyncio.Task] = set()
+        self.meter = MeterBatch(ledger)
 
     # ---- who, and may they -------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Caller:
@@ -164,8 +170,8 @@ class FrontDoor:
     # ---- quotas ------------------------------------------------------------------------------
     async def admit(self, caller: Caller, prompt_tokens: int, max_tokens: int) -> str:
         lease = f"lease-{uuid.uuid4().hex}"
-        if not caller.limited:  # nothing to refuse: meter it without a round trip on the request's path
-            self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens, lease)
+        if not caller.limited:  # nothing to refuse: metered in a batch, no call on the request's path
+            self.meter.add("admit", (caller.name, prompt_tokens, max_tokens, lease))
             return lease
         admission = await self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens, lease)
         if not admission.admitted:
@@ -180,6 +186,9 @@ class FrontDoor:
         ttft = record.first_token_at - record.arrived if record.first_token_at is not None else None
         args = (lease, record.prompt_tokens, record.completion_total, self.model_name, record.endpoint,
                 record.status, ttft, record.gaps[-1000:], record.engine_ttft_s)
+        if not record.limited:
+            self.meter.add("settle", args)
+            return
         task = asyncio.get_running_loop().create_task(self._send_settlement(args), context=contextvars.Context())
         self._settling.add(task)  # held until done: the loop keeps only weak references to tasks
         task.add_done_callback(self._settling.discard)
@@ -194,7 +203,7 @@ class FrontDoor:
     async def start(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int, chat: bool,
                     stream: bool, endpoint: str) -> Run:
         """Admits the request and opens its n choices; refusals raise ApiError before any output."""
-        record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids))
+        record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids), limited=caller.limited)
         lease = await self.admit(caller, len(prompt_ids), params.max_tokens * n)
         try:
             choices = await self.open_choices(caller, prompt_ids, params, n, chat, stream)
@@ -214,7 +223,7 @@ class FrontDoor:
             for i in range(n):
                 choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
                 request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight, stream=stream)
-                streams.append(self.replica.options(stream=True).generate.remote(request))
+                streams.append(self.open_generation(request))
             deadline = time.monotonic() + self.first_output_timeout_s
             for stream in streams:
                 try:

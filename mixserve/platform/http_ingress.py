@@ -23,9 +23,11 @@ from ray import serve
 from mixserve.errors import InvalidRequestError
 from mixserve.platform.body_limit import BodyLimit
 from mixserve.platform.front_door import ApiError, Caller, FrontDoor, Run
+from mixserve.platform.generations import InProcessReplica, on_replicas
 from mixserve.platform.grpc_ingress import GrpcMethods
 from mixserve.platform.openai_api import ChatCompletionRequest, CompletionRequest
 from mixserve.platform.openai_shapes import ChatShape, CompletionShape
+from mixserve.replicas.deployment import AttentionReplica
 
 app = FastAPI(title="mixserve", description="OpenAI-compatible serving of Mistral / Mixtral", version="1")
 
@@ -72,13 +74,41 @@ def sse(data: dict | str) -> str:
 @serve.deployment
 @serve.ingress(app)
 class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy calls the ingress by method name
-    def __init__(self, replica, ledger, router, model_name: str, checkpoint, tenants: list[dict],
-                 system_prompt: str | None = None, max_body_bytes: int = 1 << 20, first_output_timeout_s: float = 300.0):
-        self.door = FrontDoor(replica, ledger, router, model_name, checkpoint, tenants, system_prompt, first_output_timeout_s)
+    """The front door. Given `replica` (a handle) it runs in its own deployment and starts
+    generations on the attention replicas; given `in_process` (an attention replica's
+    constructor arguments and its request capacity) it IS an attention replica, and outputs
+    reach the response without leaving the process (mixserve.platform.generations)."""
+
+    async def __init__(self, replica, ledger, router, model_name: str, checkpoint, tenants: list[dict],
+                       system_prompt: str | None = None, max_body_bytes: int = 1 << 20,
+                       first_output_timeout_s: float = 300.0, in_process: dict | None = None):
+        self.replica: AttentionReplica | None = None
+        if in_process is not None:
+            self.replica = await AttentionReplica.start(**in_process["replica"])
+            open_generation = InProcessReplica(self.replica, in_process["capacity"]).open
+        else:
+            open_generation = on_replicas(replica)
+        self.door = FrontDoor(open_generation, ledger, router, model_name, checkpoint, tenants, system_prompt,
+                              first_output_timeout_s)
         BodyLimit.max_bytes = max_body_bytes
         # Serve runs this class on its own event-loop thread beside its system loop; a short GIL
         # switch interval keeps one busy thread from making every other request wait 5 ms a turn.
         sys.setswitchinterval(0.0005)
+
+    # ---- the attention replica's own calls, when it runs here (`mixserve status`, reports) --
+    def stats(self) -> dict:
+        return self._local().stats()
+
+    def startup_report(self) -> dict:
+        return self._local().startup_report()
+
+    def weights_report(self) -> dict:
+        return self._local().weights_report()
+
+    def _local(self) -> AttentionReplica:
+        if self.replica is None:
+            raise RuntimeError("this front door runs apart from the attention replicas; ask them (AttentionReplica)")
+        return self.replica
 
     def _caller(self, request: Request) -> Caller:
         return self.door.authenticate(request.headers.get("authorization"))
@@ -99,6 +129,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         caller = self._caller(request)
         if not caller.admin:
             raise ApiError(403, "reading usage needs an admin key")
+        await self.door.meter.flush()  # this replica's batched metering first (others lag by at most 0.25 s)
         return {"object": "usage", "tenants": await self.door.ledger.usage.remote()}
 
     @app.get("/metrics")
@@ -109,6 +140,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         shard_tokens = None
         if self.door.router is not None:
             shard_tokens = (await self.door.router.status.remote()).shard_tokens
+        await self.door.meter.flush()
         text = await self.door.ledger.metrics.remote(shard_tokens)
         return Response(content=text, media_type="text/plain; version=0.0.4")
 

@@ -154,6 +154,17 @@ class TenantLedger:
         for gap in inter_token_s or ():
             self._m_itl.labels(tenant).observe(gap)
 
+    def record(self, calls: list[tuple[str, tuple]]) -> None:
+        """Admissions and settlements of tenants without limits, batched by a front door
+        (mixserve.platform.metering), applied in the order they happened."""
+        for method, args in calls:
+            if method == "admit":
+                self.admit(*args)
+            elif method == "settle":
+                self.settle(*args)
+            else:
+                raise ValueError(f"unknown ledger call {method!r}")
+
     def _expire(self, now: float) -> None:
         for state in self._state.values():
             while state.requests and state.requests[0] <= now - WINDOW_S:

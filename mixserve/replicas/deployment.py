@@ -94,6 +94,14 @@ class AttentionReplica:
             # Queue figures for /metrics; injected so this package needs nothing of the platform's.
             asyncio.get_running_loop().create_task(self._report_stats(stats_reporter, stats_target))
 
+    @classmethod
+    async def start(cls, *args, **kwargs) -> AttentionReplica:
+        """An attention replica inside another deployment's process (the front door's, when it
+        runs in the replicas). Serve awaits the async constructor itself; elsewhere this does."""
+        replica = cls.__new__(cls)
+        await replica.__init__(*args, **kwargs)
+        return replica
+
     async def _report_stats(self, reporter, target) -> None:
         while True:
             await asyncio.sleep(STATS_EVERY_S)

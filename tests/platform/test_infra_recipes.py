@@ -18,6 +18,7 @@ from mixserve.model.weights_source import LocalFolder
 from mixserve.platform.cli import main
 from mixserve.platform.config import DeploymentConfig
 from mixserve.platform.plan import attention_side_bytes, expert_bytes
+from mixserve.platform.ray_env import SERVE_ENV
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 MIXTRAL_DEPLOY = INFRA / "deploy" / "mixtral-8x7b-8gpu.yaml"
@@ -41,6 +42,10 @@ def test_the_ray_up_config_validates_against_rays_cluster_schema():
     assert not any("[gpu]" in c for c in config["head_setup_commands"])  # a CPU head cannot build flash-attn
     text = (INFRA / "ray-up" / "aws-gpu.yaml").read_text()
     assert "aws_access_key_id" not in text.lower() and "aws_secret" not in text.lower()
+    # Every node starts Ray with the Serve settings `mixserve serve` uses on a local cluster.
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    for name, value in SERVE_ENV.items():
+        assert all(f"{name}={value} " in c for c in starts if " ray start" in c), name
 
 
 @pytest.fixture(scope="module")

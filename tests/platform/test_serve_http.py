@@ -56,13 +56,22 @@ def expected_texts(checkpoint) -> list[str]:
     [
         {"experts": {"shards": 0}},
         {"attention": {"replicas": 2}, "experts": {"shards": 4, "experts_per_shard": 3}},
+        {"http": {"front_door": "separate"}, "experts": {"shards": 2}},
     ],
-    ids=["experts-in-process", "2-replicas-4-shards"],
+    ids=["experts-in-process", "2-replicas-4-shards", "separate-front-door-2-shards"],
 )
 def test_completions_through_the_topology_match_the_single_process_engine(serve_http, mixtral_dir, sections):
+    from ray import serve
+
     engine = {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 64, "num_threads": 1}
     sections.setdefault("attention", {})["engine"] = engine
-    deploy(serve_http, mixtral_dir, **sections)
+    config = deploy(serve_http, mixtral_dir, **sections)
+    # The front door runs inside the attention replicas unless asked to run apart.
+    deployments = set(serve.status().applications[APP_NAME].deployments)
+    assert ("HttpIngress" in deployments) == (not config.front_door_in_replicas)
+    assert config.front_door_in_replicas == (sections.get("http", {}).get("front_door") != "separate")
+    stats = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME).stats.remote().result(timeout_s=30)
+    assert stats["model"] == "tiny" and stats["running"] == 0
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -137,6 +146,22 @@ def test_config_errors_name_the_field(tmp_path, mixtral_dir, mistral_dir):
     path.write_text("[not, a, mapping]")
     with pytest.raises(ConfigError, match="mapping"):
         DeploymentConfig.from_yaml(path)
+
+
+def test_the_front_door_runs_apart_where_it_must_answer_without_replicas(mixtral_dir):
+    def config(**sections) -> DeploymentConfig:
+        return DeploymentConfig.model_validate({"model": {"name": "tiny", "source": str(mixtral_dir)}, **sections})
+
+    to_zero = {"autoscaling": {"min_replicas": 0, "max_replicas": 2}}
+    assert config().front_door_in_replicas
+    assert config(attention={"autoscaling": {"min_replicas": 1, "max_replicas": 3}}).front_door_in_replicas
+    assert not config(attention=to_zero).front_door_in_replicas  # someone must answer 503 while none runs
+    assert not config(http={"ingress_replicas": 2}).front_door_in_replicas
+    assert not config(http={"front_door": "separate"}).front_door_in_replicas
+    with pytest.raises(ValueError, match="scaled to zero"):
+        config(attention=to_zero, http={"front_door": "replicas"})
+    with pytest.raises(ValueError, match="ingress_replicas"):
+        config(http={"front_door": "replicas", "ingress_replicas": 2})
 
 
 def test_overload_gets_503_with_retry_after_and_the_server_recovers(serve_http, mixtral_dir):
