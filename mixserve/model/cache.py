@@ -126,14 +126,15 @@ def _prefill_meta(
     chunk_pos = query_pos
     sees_chunk = (chunk_pos[None, :] <= query_pos[:, None]) & (chunk_pos[None, :] > query_pos[:, None] - window)
     mask = torch.cat([sees_cache, sees_chunk], dim=1)  # every row sees at least its own token
+    write_from = max(0, c.length - window)
     return PrefillMeta(
         slot=c.slot,
         token_offset=token_offset,
         start=c.start,
         length=c.length,
         cached_len=cached_len,
-        write_from=max(0, c.length - window),
-        write_index=torch.remainder(query_pos[max(0, c.length - window):], window).to(device),
+        write_from=write_from,
+        write_index=torch.remainder(query_pos[write_from:], window).to(device),
         mask=mask.to(device),
         bias=torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[None, None].to(device),
     )

@@ -10,7 +10,6 @@ status; the gRPC ingress maps the same statuses to gRPC codes.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
 import time
@@ -22,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 
 from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
 from mixserve.model.weights_source import WeightsSource, checkpoint_folder
+from mixserve.platform.detached import spawn_detached
 from mixserve.platform.metering import MeterBatch
 from mixserve.platform.openai_api import TokenText
 from mixserve.platform.tenants import KeyRing, Tenant, resolve_system_prompt
@@ -125,7 +125,6 @@ class FrontDoor:
         self.tokenizer = Tokenizer.from_checkpoint(checkpoint_folder(checkpoint))
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
-        self._settling: set[asyncio.Task] = set()
         self.meter = MeterBatch(ledger)
 
     # ---- who, and may they -------------------------------------------------------------------
@@ -189,9 +188,7 @@ class FrontDoor:
         if not record.limited:
             self.meter.add("settle", args)
             return
-        task = asyncio.get_running_loop().create_task(self._send_settlement(args), context=contextvars.Context())
-        self._settling.add(task)  # held until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._settling.discard)
+        spawn_detached(self._send_settlement(args))
 
     async def _send_settlement(self, args: tuple) -> None:
         try:

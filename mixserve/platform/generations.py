@@ -13,10 +13,10 @@ an output goes from the engine thread to the response in one process.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+from mixserve.platform.detached import spawn_detached
 from mixserve.platform.front_door import ApiError
 from mixserve.replicas.deployment import AttentionReplica, GenerateError, GenerateRequest
 from mixserve.replicas.sequence import RequestOutput
@@ -53,9 +53,6 @@ class InProcessReplica:
         self.in_flight -= 1
 
 
-_closing: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references to tasks
-
-
 class LocalStream:
     """An in-process generation with a Serve response's `cancel()`. `on_end` runs exactly once,
     when the generation ends or is cancelled, whichever comes first."""
@@ -77,9 +74,7 @@ class LocalStream:
         """Closes the generation, which aborts its request and frees its cache slot. One being
         iterated right now is closed by cancelling its consumer instead (Choices does both)."""
         self._end()
-        task = asyncio.get_running_loop().create_task(_close_quietly(self._outputs))
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        spawn_detached(_close_quietly(self._outputs))
 
     def _end(self) -> None:
         if not self._ended:

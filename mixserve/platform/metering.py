@@ -11,8 +11,9 @@ their quotas and concurrency slots must be exact.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
+
+from mixserve.platform.detached import spawn_detached
 
 log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.25
@@ -28,10 +29,8 @@ class MeterBatch:
     def add(self, method: str, args: tuple) -> None:
         """Queues TenantLedger.<method>(*args) ('admit' or 'settle')."""
         self._calls.append((method, args))
-        if self._flusher is None or self._flusher.done():
-            # A fresh context: Serve cancels the calls a request makes when its client leaves,
-            # and this task outlives the request that happened to start it.
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon(), context=contextvars.Context())
+        if self._flusher is None or self._flusher.done():  # outlives the request that happened to start it
+            self._flusher = spawn_detached(self._flush_soon())
 
     async def flush(self) -> None:
         calls, self._calls = self._calls, []
