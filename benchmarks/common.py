@@ -29,6 +29,33 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def wait_until_idle(max_busy: float = 0.15, window_s: float = 0.1, timeout_s: float = 10.0) -> None:
+    """Block until the machine's CPUs were at most `max_busy` busy over the last `window_s`.
+
+    Engines kept loaded side by side do not go quiet when a run returns (vLLM's engine process
+    keeps a core busy for about a second afterwards), and on 2 cores that lands on whichever
+    engine runs next. Linux only; elsewhere it returns at once."""
+    deadline = time.monotonic() + timeout_s
+    previous = _cpu_times()
+    while previous is not None and time.monotonic() < deadline:
+        time.sleep(window_s)
+        current = _cpu_times()
+        busy, total = current[0] - previous[0], current[1] - previous[1]
+        if total > 0 and busy / total <= max_busy:
+            return
+        previous = current
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def copy_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """GB copied per second (each byte read once and written once), best of `repeats`."""
     src = torch.ones(n_bytes // 4)

@@ -6,7 +6,9 @@ all on the same checkpoint in the same run; plus the memory-bandwidth floor (wei
 decode step reads over the measured copy bandwidth).
 
 Decode tokens/s = N * (new - 1) / (t(new tokens) - t(1 token)): the prefill is in both runs
-and cancels out.
+and cancels out. The engines stay loaded side by side (vLLM in worker processes, one per
+thread-binding setting) and their runs are interleaved, the order rotating each repeat, so the
+noise of a shared VM falls on all of them alike.
 
 Set-up of the vLLM peer (its own virtual environment, never a project dependency):
     bash benchmarks/peers/setup_vllm_cpu.sh
@@ -18,10 +20,14 @@ Run:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, copy_bandwidth_gbs, format_table, median_time, write_results  # noqa: E402
+from benchmarks.common import ROOT, copy_bandwidth_gbs, format_table, wait_until_idle, write_results  # noqa: E402
 from mixserve.model.args import ModelArgs  # noqa: E402
 from mixserve.model.presets import preset  # noqa: E402
 
@@ -79,22 +85,173 @@ def weight_bytes_per_decode_step(args: ModelArgs, batch: int, itemsize: int) -> 
 
 
 # ---- engines -----------------------------------------------------------------------------------
+# Each engine answers seconds(n, length, max_tokens): the wall time of generating max_tokens for
+# n fresh random prompts of `length` tokens. The driver interleaves the engines run by run (the
+# order rotating each repeat), so a slow minute of this shared VM hits every engine alike instead
+# of whichever happened to be measured then.
 
 
-def measure(engine: str, generate, model: str, dtype: str, concurrency: list[int], new_tokens: int,
-            prompt_len: int, repeats: int) -> Figures:
-    """generate(batch of token-id prompts, n new tokens) runs to completion; times it."""
-    generate(prompts(2, 16, 0), 4)  # warm-up
-    long_prompt = prompts(1, prompt_len, 1)
-    figures = Figures(engine)
-    figures.prefill = prompt_len / median_time(lambda: generate(long_prompt, 1), repeats)
-    for n in concurrency:
-        batch = prompts(n, 16, 2)
-        t_full = median_time(lambda: generate(batch, new_tokens), repeats)
-        t_one = median_time(lambda: generate(batch, 1), repeats)
-        figures.decode[n] = n * (new_tokens - 1) / (t_full - t_one)
-        print(f"  {engine} {model} {dtype} c={n}: {figures.decode[n]:.1f} tok/s", flush=True)
+class MixserveEngine:
+    label = "mixserve"
+
+    def __init__(self, folder: Path, dtype: str, max_batch: int) -> None:
+        from mixserve import LLM, SamplingParams
+
+        self._params = SamplingParams
+        self._llm = LLM(folder, dtype=dtype, max_model_len=1024, max_num_seqs=max_batch, max_num_batched_tokens=512)
+        self._seed = 0
+
+    def seconds(self, n: int, length: int, max_tokens: int) -> float:
+        self._seed += 1
+        batch = prompts(n, length, self._seed)
+        start = time.perf_counter()
+        outs = self._llm.generate(batch, self._params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        elapsed = time.perf_counter() - start
+        if any(len(o.token_ids) != max_tokens for o in outs):
+            raise RuntimeError(f"mixserve: expected {n} x {max_tokens} tokens")
+        return elapsed
+
+    def close(self) -> None:
+        self._llm = None
+
+
+class TransformersEngine:
+    label = "transformers"
+
+    def __init__(self, folder: Path, dtype: str) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self._model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        self._seed = 0
+
+    def seconds(self, n: int, length: int, max_tokens: int) -> float:
+        self._seed += 1
+        ids = torch.tensor(prompts(n, length, self._seed))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self._model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                do_sample=False, pad_token_id=0,
+            )
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self._model = None
+
+
+class VllmWorker:
+    """vLLM's CPU build in its own venv (benchmarks/peers/vllm_cpu_peer.py --worker), one process
+    per thread-binding setting, kept loaded and asked for runs over a pipe. It times each run
+    itself, so the pipe is not in the figure."""
+
+    def __init__(self, python: Path, folder: Path, dtype: str, bind: str) -> None:
+        self.bind = bind
+        self.label = f"vLLM bind={bind}"
+        cmd = [str(python), str(ROOT / "benchmarks/peers/vllm_cpu_peer.py"), "--worker", "--model", str(folder),
+               "--dtype", dtype, "--max-model-len", "1024"]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind}, start_new_session=True,
+        )
+        hello = self._answer()
+        self.version = hello.get("version", "?")
+
+    def _answer(self) -> dict:
+        # vLLM or its libraries may print to stdout: the worker's answers are the JSON-object lines.
+        for line in self._proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                answer = json.loads(line)
+                if "error" in answer:
+                    raise RuntimeError(f"{self.label}: {answer['error']}")
+                return answer
+        raise RuntimeError(f"{self.label}: worker exited (code {self._proc.wait()})")
+
+    def seconds(self, n: int, length: int, max_tokens: int) -> float:
+        self._proc.stdin.write(json.dumps({"n": n, "length": length, "max_tokens": max_tokens}) + "\n")
+        self._proc.stdin.flush()
+        return float(self._answer()["seconds"])
+
+    def close(self) -> None:
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+
+def start_vllm_workers(python: Path, folder: Path, dtype: str, binds: list[str]) -> list[VllmWorker]:
+    if not python.exists():
+        print(f"  vLLM peer skipped: {python} missing (run benchmarks/peers/setup_vllm_cpu.sh)", flush=True)
+        return []
+    workers = []
+    for bind in binds:
+        try:
+            workers.append(VllmWorker(python, folder, dtype, bind))
+        except (OSError, RuntimeError, json.JSONDecodeError) as exc:
+            print(f"  vLLM bind={bind} failed to start: {exc}", flush=True)
+    return workers
+
+
+def measure_interleaved(engines: list, model: str, dtype: str, concurrency: list[int], new_tokens: int,
+                        prompt_len: int, repeats: int) -> dict[str, Figures]:
+    """Prefill and decode figures for every engine, their runs interleaved. Decode tokens/s =
+    n * (new - 1) / (median t(new tokens) - median t(1 token)): the prefill cancels out."""
+    points = [(1, prompt_len, 1)] + [(n, 16, m) for n in concurrency for m in (1, new_tokens)]
+    times: dict[str, dict[tuple, list[float]]] = {e.label: {p: [] for p in points} for e in engines}
+    failed: set[str] = set()
+
+    def run(engine, point) -> float | None:
+        if engine.label in failed:
+            return None
+        wait_until_idle()
+        try:
+            return engine.seconds(*point)
+        except RuntimeError as exc:
+            print(f"  {engine.label} failed: {exc}", flush=True)
+            failed.add(engine.label)
+            return None
+
+    for engine in engines:
+        run(engine, (2, 16, 4))  # warm-up
+    for point in points:
+        for engine in engines:
+            run(engine, point)  # warm-up at this shape
+        for r in range(repeats):
+            for engine in engines[r % len(engines):] + engines[:r % len(engines)]:
+                elapsed = run(engine, point)
+                if elapsed is not None:
+                    times[engine.label][point].append(elapsed)
+    figures = {}
+    for engine in engines:
+        if engine.label in failed:
+            continue
+        median = {p: statistics.median(t) for p, t in times[engine.label].items()}
+        fig = Figures(engine.label, prefill=prompt_len / median[points[0]])
+        for n in concurrency:
+            fig.decode[n] = n * (new_tokens - 1) / (median[(n, 16, new_tokens)] - median[(n, 16, 1)])
+        print(f"  {engine.label} {model} {dtype}: prefill {fig.prefill:.0f}, decode "
+              + ", ".join(f"c={n} {v:.1f}" for n, v in fig.decode.items()), flush=True)
+        figures[engine.label] = fig
     return figures
+
+
+def best_of_vllm(figures: dict[str, Figures], workers: list[VllmWorker]) -> Figures | None:
+    """vLLM's best figure over its thread-binding settings (the strictest peer), setting noted."""
+    best = Figures("vLLM CPU")
+    for worker in workers:
+        fig = figures.get(worker.label)
+        if fig is None:
+            continue
+        setting = f"{worker.version}, bind={worker.bind}"
+        if best.prefill is None or fig.prefill > best.prefill:
+            best.prefill, best.settings["prefill"] = fig.prefill, setting
+        for n, value in fig.decode.items():
+            if value > best.decode.get(n, 0):
+                best.decode[n], best.settings[f"c={n}"] = value, setting
+    return best if best.decode else None
 
 
 def moe_kernel_used(dtype: str) -> str:
@@ -105,66 +262,6 @@ def moe_kernel_used(dtype: str) -> str:
 
     kernel = resolve_moe_kernel(EngineConfig().moe_kernel, DTYPES[dtype], "cpu")
     return "zentorch fused" if kernel == "zentorch" else "grouped oneDNN GEMMs"
-
-
-def run_mixserve(folder: Path, dtype: str, concurrency: list[int], new_tokens: int, prompt_len: int, repeats: int) -> Figures:
-    from mixserve import LLM, SamplingParams
-
-    llm = LLM(folder, dtype=dtype, max_model_len=1024, max_num_seqs=max(concurrency), max_num_batched_tokens=512)
-
-    def generate(batch: list[list[int]], n: int):
-        llm.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-
-    return measure("mixserve", generate, folder.name, dtype, concurrency, new_tokens, prompt_len, repeats)
-
-
-def run_transformers(folder: Path, dtype: str, concurrency: list[int], new_tokens: int, prompt_len: int, repeats: int) -> Figures:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-
-    def generate(batch: list[list[int]], n: int):
-        ids = torch.tensor(batch)
-        with torch.inference_mode():
-            model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, pad_token_id=0,
-            )
-
-    return measure("transformers", generate, folder.name, dtype, concurrency, new_tokens, prompt_len, repeats)
-
-
-def run_vllm(python: Path, folder: Path, dtype: str, concurrency: list[int], new_tokens: int,
-             prompt_len: int, repeats: int, binds: list[str]) -> Figures | None:
-    """vLLM's CPU build in its own venv, once per thread-binding setting. Each figure is vLLM's
-    best over the settings (the strictest peer for mixserve), with the setting noted."""
-    if not python.exists():
-        print(f"  vLLM peer skipped: {python} missing (run benchmarks/peers/setup_vllm_cpu.sh)", flush=True)
-        return None
-    best = Figures("vLLM CPU")
-    for bind in binds:
-        cmd = [
-            str(python), str(ROOT / "benchmarks/peers/vllm_cpu_peer.py"), "--model", str(folder), "--dtype", dtype,
-            "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
-            "--concurrency", ",".join(map(str, concurrency)), "--repeats", str(repeats), "--max-model-len", "1024",
-        ]
-        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            decode = {int(k): v for k, v in result["decode_tok_s"].items()}
-        except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError, KeyError) as exc:
-            print(f"  vLLM bind={bind} failed: {exc!r}", flush=True)
-            continue
-        print(f"  vLLM {folder.name} {dtype} bind={bind}: prefill {result['prefill_tok_s']:.0f}, decode {decode}", flush=True)
-        version = result.get("version", "?")
-        if best.prefill is None or result["prefill_tok_s"] > best.prefill:
-            best.prefill, best.settings["prefill"] = result["prefill_tok_s"], f"{version}, bind={bind}"
-        for n, value in decode.items():
-            if value > best.decode.get(n, 0):
-                best.decode[n], best.settings[f"c={n}"] = value, f"{version}, bind={bind}"
-    return best if best.decode else None
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -202,10 +299,18 @@ def main() -> None:
         args = ModelArgs.from_folder(folder)
         rows = []
         for dtype in ns.dtypes.split(","):
-            common = (folder, dtype, concurrency, ns.new_tokens, ns.prompt_len, ns.repeats)
-            ours = run_mixserve(*common)
-            hf = run_transformers(*common) if "transformers" in peers and dtype in ns.transformers_dtypes else None
-            vllm = run_vllm(ns.vllm_python, *common, ns.vllm_binds.split(",")) if "vllm" in peers else None
+            engines: list = [MixserveEngine(folder, dtype, max(concurrency))]
+            if "transformers" in peers and dtype in ns.transformers_dtypes:
+                engines.append(TransformersEngine(folder, dtype))
+            workers = start_vllm_workers(ns.vllm_python, folder, dtype, ns.vllm_binds.split(",")) if "vllm" in peers else []
+            try:
+                figures = measure_interleaved(engines + workers, model_name, dtype, concurrency, ns.new_tokens,
+                                              ns.prompt_len, ns.repeats)
+            finally:
+                for engine in engines + workers:
+                    engine.close()
+                gc.collect()
+            ours, hf, vllm = figures["mixserve"], figures.get("transformers"), best_of_vllm(figures, workers)
             floor = {n: n * bandwidth * 1e9 / weight_bytes_per_decode_step(args, n, DTYPE_BYTES[dtype]) for n in concurrency}
             rows.append(["prefill 512", dtype, ours.prefill, hf and hf.prefill, vllm and vllm.prefill, None,
                          _ratio(ours.prefill, vllm and vllm.prefill), _ratio(ours.prefill, hf and hf.prefill), None,
@@ -222,7 +327,8 @@ def main() -> None:
                 f"Copy bandwidth measured in the same run: {bandwidth:.1f} GB/s. Floor = concurrency x bandwidth / "
                 "weight bytes read per decode step (experts: expected distinct experts under uniform top-2 routing). "
                 "'x vLLM' and 'x transformers' are mixserve's speed-ups (> 1 = mixserve faster); vLLM's figure is its "
-                "best over the thread-binding settings tried. 'floor / mixserve' is how far mixserve is from the "
+                "best over the thread-binding settings tried. All engines stay loaded and their runs are interleaved (order "
+                f"rotating each repeat, medians of {ns.repeats}), so the VM's noise falls on all of them alike. 'floor / mixserve' is how far mixserve is from the "
                 "bandwidth floor (1.0 = at the floor, below 1 = faster than the copy-bandwidth estimate). "
                 f"mixserve's MoE kernel (EngineConfig.moe_kernel default): float32 {moe_kernel_used('float32')}, "
                 f"bfloat16 {moe_kernel_used('bfloat16')}."

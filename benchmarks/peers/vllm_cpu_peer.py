@@ -72,6 +72,10 @@ def _parse_args(argv=None):
                    help="seconds per sweep subprocess (default 900)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="disable torch.compile (faster start, usually slower runs)")
+    p.add_argument("--worker", action="store_true",
+                   help="load once, then time runs asked for on stdin (one JSON object per line: "
+                        '{"n": N, "length": L, "max_tokens": M}); answers {"seconds": S} per line. '
+                        "Lets a driver interleave vLLM's runs with another engine's on a noisy machine")
     args = p.parse_args(argv)
     try:
         args.concurrency_list = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -232,6 +236,10 @@ def _run(args):
         timed(n, length, max_tokens)  # warm-up
         return statistics.median(timed(n, length, max_tokens) for _ in range(args.repeats))
 
+    if args.worker:
+        _serve_worker(llm, timed, vllm)
+        return
+
     try:
         t_pre = median_time(1, args.prompt_len, 1)
         prefill = args.prompt_len / t_pre
@@ -274,6 +282,27 @@ def _run(args):
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     print(json.dumps(result), flush=True)
+
+
+def _serve_worker(llm, timed, vllm) -> None:
+    """Answer timing requests from stdin until it closes. Each line in, one JSON line out."""
+    print(json.dumps({"engine": ENGINE, "ready": True, "version": getattr(vllm, "__version__", "unknown"),
+                      "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}), flush=True)
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                ask = json.loads(line)
+                seconds = timed(int(ask["n"]), int(ask["length"]), int(ask["max_tokens"]))
+                print(json.dumps({"seconds": seconds}), flush=True)
+            except Exception as e:  # noqa: BLE001 - the driver decides what a failed run means
+                print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+    finally:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def main(argv=None):
