@@ -7,8 +7,11 @@ extra) runs the whole layer (top-k dispatch, SwiGLU, weighted combine) as one fu
 measured alone on the 2-core EPYC CI machine in float32 for small-mixtral's 1024 -> 2816
 experts, 9.1 ms a layer against 11.7 (8 tokens) and 12.4 (32 tokens) for the grouped oneDNN
 path, equal at 512, results within 5e-6. It is the kernel vLLM's CPU build uses when zentorch
-is present. Inside the engine the picture is mixed: A/B runs gave +10 to +40% decode at 8
-sequences but 20 to 40% slower 512-token prefill, so it is opt-in (EngineConfig.moe_kernel).
+is present. Inside the engine, interleaved A/B runs (the two engines loaded side by side, runs
+alternating, so the VM's noise hits both) gave on tiny-mixtral +65% 512-token prefill and +7 /
++38 / +12% decode at 1 / 8 / 32 sequences, and on small-mixtral +62% prefill and +13 / -5 / +11%
+(earlier sequential runs had suggested slower prefill: that was the machine's noise). So
+EngineConfig.moe_kernel 'auto', the default, takes it whenever it works here.
 
 The library is optional and probed once: it must import, match the grouped reference on a
 small problem, and support the dtype; otherwise the grouped path runs. Shape legend: T tokens,
