@@ -180,7 +180,8 @@ def measure(name: str, start_server, load: Load, ready_timeout_s: float) -> Figu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="completions per client, in a row")
+    parser.add_argument("--requests", type=int, default=8,
+                        help="completions per client, in a row (8 x 16 clients = 128 requests, so p99 is not just the max)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON)
