@@ -65,6 +65,16 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best / 1e9
 
 
+def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB read per second by torch's threads summing a buffer far larger than any cache, best of
+    `repeats`: what weight-streaming decode can reach at best. (On the 2-core CI VM it is about
+    2.4x the copy figure: a copy also writes, and one thread alone does not saturate memory.)"""
+    src = torch.ones(n_bytes // 4)
+    src.sum()
+    best = min(_timed(src.sum) for _ in range(repeats))
+    return n_bytes / best / 1e9
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
