@@ -130,9 +130,10 @@ def run_load(url: str, model: str, load: Load, name: str) -> Figures:
     return fig
 
 
-def serve_mixserve(folder: Path, port: int, threads: int | None) -> subprocess.Popen:
+def serve_mixserve(folder: Path, port: int, threads: int | None, prefill_threads: int | None) -> subprocess.Popen:
     config = ROOT / "benchmarks" / ".serving-mixserve.yaml"
     threads_field = f", num_threads: {threads}" if threads else ""
+    threads_field += f", prefill_num_threads: {prefill_threads}" if prefill_threads else ""
     config.write_text(
         f"model: {{name: {MODEL}, source: {folder}}}\n"
         f"attention: {{replicas: 1, cpus_per_replica: 1, engine: {{max_model_len: 1024, max_num_seqs: 32{threads_field}}}}}\n"
@@ -188,12 +189,15 @@ def main() -> None:
     parser.add_argument("--vllm-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND for the peer")
     parser.add_argument("--engine-threads", type=int, default=None,
                         help="torch threads of mixserve's attention replica (default: torch's choice)")
+    parser.add_argument("--prefill-threads", type=int, default=2,
+                        help="torch threads of the replica's prefill-heavy steps (EngineConfig.prefill_num_threads; "
+                             "0 = as --engine-threads)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ns = parser.parse_args()
     load = Load(ns.concurrency, ns.requests, ns.prompt_len, ns.max_tokens)
     folder = ensure_checkpoint(MODEL)
 
-    figures = [measure("mixserve", lambda port: serve_mixserve(folder, port, ns.engine_threads), load, 300)]
+    figures = [measure("mixserve", lambda port: serve_mixserve(folder, port, ns.engine_threads, ns.prefill_threads or None), load, 300)]
     if ns.vllm_python.exists():
         figures.append(measure("vLLM CPU (vllm serve)", lambda port: serve_vllm(ns.vllm_python, folder, port, ns.vllm_bind),
                                load, 600))
@@ -221,7 +225,8 @@ def main() -> None:
             "Serving: HTTP streaming under concurrent load",
             f"{MODEL}, float32, {load.concurrency} concurrent streaming clients x {load.requests_per_client} completions "
             f"each, {load.prompt_len}-token prompts, {load.max_tokens} output tokens (ignore_eos), measured by the "
-            f"clients on loopback. mixserve: `mixserve serve` with 1 attention replica, experts in-process; vLLM: "
+            f"clients on loopback. mixserve: `mixserve serve` with 1 attention replica (1 CPU), experts in-process, "
+            f"prefill_num_threads {ns.prefill_threads or 'unset'}; vLLM: "
             f"`vllm serve` (OpenAI server), VLLM_CPU_OMP_THREADS_BIND={ns.vllm_bind}. Ratios < 1 in the latency "
             f"columns mean mixserve is faster.\n\n{table}",
         )

@@ -50,6 +50,14 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default leaves torch's own choice."
     )
+    prefill_num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads for prefill-heavy steps (more than 64 tokens); other steps use "
+        "num_threads. Lets a replica that shares its cores with its event loop decode on one thread (no "
+        "oversubscribed thread barriers) yet prefill arriving prompts on more, which cuts time to first token. "
+        "None: every step uses num_threads.",
+    )
     micro_batches: int = Field(
         1,
         ge=1,

@@ -42,6 +42,34 @@ def test_ping_pong_micro_batches_change_nothing_in_the_results(mixtral_dir, micr
             assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) < 1e-4
 
 
+def test_prefill_heavy_steps_run_on_prefill_num_threads_and_decodes_on_num_threads(mixtral_dir):
+    import threading
+
+    seen: list[tuple[int, int]] = []  # (step tokens, threads during the step), read in the stepping thread
+    results = {}
+
+    def run() -> None:  # a thread of its own, as the replica's step thread, so the test's count is untouched
+        llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, num_threads=1, prefill_num_threads=2)
+        model = llm.engine.model
+        forward = model.forward
+
+        def traced_forward(tokens, *args, **kwargs):
+            seen.append((tokens.shape[0], torch.get_num_threads()))
+            return forward(tokens, *args, **kwargs)
+
+        model.forward = traced_forward
+        results["split"] = llm.generate([random_prompt(100, 0), random_prompt(5, 1)], SamplingParams(max_tokens=6, **GREEDY))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert any(tokens > 64 for tokens, _ in seen) and any(tokens <= 64 for tokens, _ in seen)
+    assert all(threads == (2 if tokens > 64 else 1) for tokens, threads in seen), seen
+    plain = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4)
+    expected = plain.generate([random_prompt(100, 0), random_prompt(5, 1)], SamplingParams(max_tokens=6, **GREEDY))
+    assert [o.token_ids for o in results["split"]] == [o.token_ids for o in expected]
+
+
 def test_admission_waits_for_a_free_slot_and_every_request_finishes(mixtral_dir):
     llm = LLM(mixtral_dir, max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16)
     engine = llm.engine
