@@ -124,8 +124,7 @@ class AsyncEngine:
                 continue
             finally:
                 self._stats = self._read_stats()
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -158,8 +157,24 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._deliver(request_id, error)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one wake-up per event loop: call_soon_threadsafe writes the loop's
+        self-pipe each time, and at 16 streams one call per output was 16 wake-ups a step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._queues.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _deliver(self, request_id: str, item) -> None:
         target = self._queues.get(request_id)
         if target is not None:
             loop, outputs = target
             loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
