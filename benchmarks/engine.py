@@ -328,9 +328,9 @@ def main() -> None:
                 f"reached {copy:.1f} GB/s). Floor = concurrency x read bandwidth / "
                 "weight bytes read per decode step (experts: expected distinct experts under uniform top-2 routing). "
                 "'x vLLM' and 'x transformers' are mixserve's speed-ups (> 1 = mixserve faster); vLLM's figure is its "
-                "best over the thread-binding settings tried. All engines stay loaded and their runs are interleaved (order "
-                f"rotating each repeat, medians of {ns.repeats}), so the VM's noise falls on all of them alike. 'floor / mixserve' is how far mixserve is from the "
-                "bandwidth floor (1.0 = at the floor). "
+                "best over the thread-binding settings tried. All engines stay loaded and their runs are "
+                f"interleaved (order rotating each repeat, medians of {ns.repeats}), so the VM's noise falls on all "
+                "of them alike. 'floor / mixserve' is how far mixserve is from the bandwidth floor (1 = at it). "
                 f"mixserve's MoE kernel (EngineConfig.moe_kernel default): float32 {moe_kernel_used('float32')}, "
                 f"bfloat16 {moe_kernel_used('bfloat16')}."
             )

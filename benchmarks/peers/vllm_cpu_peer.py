@@ -236,11 +236,10 @@ def _run(args):
         timed(n, length, max_tokens)  # warm-up
         return statistics.median(timed(n, length, max_tokens) for _ in range(args.repeats))
 
-    if args.worker:
-        _serve_worker(llm, timed, vllm)
-        return
-
     try:
+        if args.worker:
+            _serve_worker(timed, vllm)
+            return  # the engine shuts down below
         t_pre = median_time(1, args.prompt_len, 1)
         prefill = args.prompt_len / t_pre
         print(f"vllm_cpu_peer: prefill {args.prompt_len} tok: {t_pre:.4f}s = {prefill:.1f} tok/s",
@@ -284,25 +283,19 @@ def _run(args):
     print(json.dumps(result), flush=True)
 
 
-def _serve_worker(llm, timed, vllm) -> None:
+def _serve_worker(timed, vllm) -> None:
     """Answer timing requests from stdin until it closes. Each line in, one JSON line out."""
     print(json.dumps({"engine": ENGINE, "ready": True, "version": getattr(vllm, "__version__", "unknown"),
                       "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}), flush=True)
-    try:
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            try:
-                ask = json.loads(line)
-                seconds = timed(int(ask["n"]), int(ask["length"]), int(ask["max_tokens"]))
-                print(json.dumps({"seconds": seconds}), flush=True)
-            except Exception as e:  # noqa: BLE001 - the driver decides what a failed run means
-                print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
-    finally:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
         try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
+            ask = json.loads(line)
+            seconds = timed(int(ask["n"]), int(ask["length"]), int(ask["max_tokens"]))
+            print(json.dumps({"seconds": seconds}), flush=True)
+        except Exception as e:  # noqa: BLE001 - the driver decides what a failed run means
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
 
 
 def main(argv=None):
