@@ -57,17 +57,12 @@ class SdpaBackend:
         k_pool[meta.decode_slots, :, meta.decode_write_index] = k
         v_pool[meta.decode_slots, :, meta.decode_write_index] = v
         length = meta.decode_kv_len
-        if meta.decode_slot_range is not None:  # a view of the pool, no copy
-            first, end = meta.decode_slot_range
-            keys, values = k_pool[first:end, :, :length], v_pool[first:end, :, :length]  # [Bd, KV, L, Dh]
-        else:
-            keys = k_pool[:, :, :length].index_select(0, meta.decode_slots)  # [Bd, KV, L, Dh]
-            values = v_pool[:, :, :length].index_select(0, meta.decode_slots)
+        keys = k_pool[:, :, :length].index_select(0, meta.decode_slots)  # [Bd, KV, L, Dh]
+        values = v_pool[:, :, :length].index_select(0, meta.decode_slots)
         bd, h, dh = q.shape
         kv = keys.shape[1]
         grouped = q.view(bd, kv, h // kv, dh)  # [Bd, KV, G, Dh]
-        mask = meta.decode_bias if meta.decode_bias is not None else meta.decode_mask
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask)
         return out.reshape(bd, h, dh)
 
     @staticmethod

@@ -75,13 +75,6 @@ class StepMetadata:
     decode_kv_len: int  # L: cache entries worth reading (the longest live prefix of any slot)
     decode_mask: torch.Tensor  # [Bd, 1, 1, L] bool
     prefills: list[PrefillMeta]
-    # [Bd, 1, 1, L] in the model's dtype: 0 where decode_mask is True, -inf elsewhere (SDPA converts a
-    # boolean mask on every call; this converts it once per step, as PrefillMeta.bias does).
-    decode_bias: torch.Tensor | None = None
-    # (first, end) when the decode slots are consecutive and ascending, as they are when a batch was
-    # admitted together: attention then reads the cache through a view instead of gathering a copy
-    # of every sequence's keys and values at every layer.
-    decode_slot_range: tuple[int, int] | None = None
 
 
 def build_step_metadata(
@@ -103,8 +96,6 @@ def build_step_metadata(
     live = [min(c.start + 1, window) for c in decodes]
     kv_len = max(live, default=0)
     decode_mask = torch.arange(kv_len)[None, :] < torch.tensor(live, dtype=torch.long)[:, None]
-    slots = [c.slot for c in decodes]
-    consecutive = bool(slots) and slots == list(range(slots[0], slots[0] + len(slots)))
 
     prefill_meta: list[PrefillMeta] = []
     offset = n_decode
@@ -115,15 +106,11 @@ def build_step_metadata(
     return StepMetadata(
         positions=positions_t.to(device),
         n_decode=n_decode,
-        decode_slots=torch.tensor(slots, dtype=torch.long, device=device),
+        decode_slots=torch.tensor([c.slot for c in decodes], dtype=torch.long, device=device),
         decode_write_index=torch.tensor([c.start % window for c in decodes], dtype=torch.long, device=device),
         decode_kv_len=kv_len,
         decode_mask=decode_mask[:, None, None, :].to(device),
         prefills=prefill_meta,
-        decode_bias=torch.zeros(decode_mask.shape, dtype=dtype).masked_fill_(~decode_mask, float("-inf"))[
-            :, None, None, :
-        ].to(device),
-        decode_slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
     )
 
 

@@ -10,7 +10,6 @@ queuing (fair_queue.py).
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 from mixserve.replicas.fair_queue import FairQueue
@@ -18,15 +17,10 @@ from mixserve.replicas.sequence import Sequence, Status
 
 
 class SlotPool:
-    """Fixed set of cache slot numbers handed to running sequences, lowest free slot first.
-
-    Why lowest first: the running slots stay packed at the bottom of the pool, so a step's decode
-    slots (sorted, see Scheduler.schedule) are usually one consecutive range, and attention then
-    reads the cache through a view instead of gathering a copy at every layer.
-    """
+    """Fixed set of cache slot numbers handed to running sequences."""
 
     def __init__(self, n_slots: int):
-        self._free = list(range(n_slots))  # a min-heap
+        self._free = list(range(n_slots - 1, -1, -1))
         self.n_slots = n_slots
 
     @property
@@ -34,10 +28,10 @@ class SlotPool:
         return len(self._free)
 
     def take(self) -> int:
-        return heapq.heappop(self._free)
+        return self._free.pop()
 
     def give_back(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+        self._free.append(slot)
 
 
 @dataclass
@@ -87,7 +81,6 @@ class Scheduler:
             length = min(self.chunk_size, seq.prefill_until, budget)
             (decodes if length == 1 else prefills).append(ScheduledChunk(seq, length))
             budget -= length
-        decodes.sort(key=lambda chunk: chunk.seq.slot)  # consecutive slots read the cache as a view
         chunks = decodes + prefills
         for chunk in chunks:
             fair.charge(chunk.seq, chunk.length)

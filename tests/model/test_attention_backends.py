@@ -46,29 +46,3 @@ def test_flash_attention_matches_sdpa_on_gpu(mixtral_dir):
     assert max(diffs) < 5e-2, max(diffs)
     agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
     assert agree >= 30, (a.token_ids, b.token_ids)  # bf16 near-ties may flip a late token
-
-
-def test_decode_through_a_view_of_consecutive_slots_equals_decode_through_a_gather():
-    from dataclasses import replace
-
-    from mixserve.model.args import ModelArgs
-    from mixserve.model.cache import RollingKVCache, SequenceChunk, build_step_metadata
-
-    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=32, vocab_size=10)
-    gen = torch.Generator().manual_seed(0)
-    outputs = []
-    for use_view in (True, False):
-        cache = RollingKVCache(args, n_slots=6, window=8, dtype=torch.float32)
-        cache.k.copy_(torch.randn(cache.k.shape, generator=gen.manual_seed(1)))
-        cache.v.copy_(torch.randn(cache.v.shape, generator=gen.manual_seed(2)))
-        # Slots 2, 3, 4 at different lengths (one wrapped), so the mask differs per row.
-        meta = build_step_metadata([SequenceChunk(2, 3, 1), SequenceChunk(3, 11, 1), SequenceChunk(4, 6, 1)], window=8)
-        assert meta.decode_slot_range == (2, 5)
-        if not use_view:
-            meta = replace(meta, decode_slot_range=None)
-        q = torch.randn(3, 4, 16, generator=gen.manual_seed(3))
-        k, v = (torch.randn(3, 2, 16, generator=gen.manual_seed(s)) for s in (4, 5))
-        outputs.append((SdpaBackend()(0, q, k, v, meta, cache), cache.k.clone(), cache.v.clone()))
-    (out_view, k_view, v_view), (out_gather, k_gather, v_gather) = outputs
-    assert torch.equal(k_view, k_gather) and torch.equal(v_view, v_gather)
-    torch.testing.assert_close(out_view, out_gather, rtol=0, atol=1e-6)

@@ -103,24 +103,6 @@ def test_cache_memory_per_sequence_is_flat_beyond_the_window(mixtral_dir):
 
 def test_every_metadata_tensor_lives_on_the_requested_device():
     meta = build_step_metadata([SequenceChunk(0, 7, 1), SequenceChunk(1, 3, 3)], window=4, device="meta")
-    tensors = [meta.positions, meta.decode_slots, meta.decode_write_index, meta.decode_mask, meta.decode_bias]
+    tensors = [meta.positions, meta.decode_slots, meta.decode_write_index, meta.decode_mask]
     tensors += [t for p in meta.prefills for t in (p.mask, p.bias, p.write_index)]
     assert all(t.device.type == "meta" for t in tensors)
-
-
-def test_consecutive_ascending_decode_slots_are_marked_as_a_range_and_others_are_not():
-    def decode_meta(slots):
-        return build_step_metadata([SequenceChunk(s, 5, 1) for s in slots], window=8)
-
-    assert decode_meta([3, 4, 5]).decode_slot_range == (3, 6)
-    assert decode_meta([0]).decode_slot_range == (0, 1)
-    assert decode_meta([5, 4, 3]).decode_slot_range is None
-    assert decode_meta([0, 2, 3]).decode_slot_range is None
-    assert build_step_metadata([SequenceChunk(0, 3, 3)], window=8).decode_slot_range is None
-
-
-def test_the_decode_bias_is_zero_where_the_mask_allows_and_minus_infinity_elsewhere():
-    meta = build_step_metadata([SequenceChunk(0, 1, 1), SequenceChunk(1, 9, 1)], window=4)
-    assert meta.decode_bias.shape == meta.decode_mask.shape
-    assert torch.equal(meta.decode_bias == 0, meta.decode_mask)
-    assert torch.isneginf(meta.decode_bias[~meta.decode_mask]).all()

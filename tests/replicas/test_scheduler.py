@@ -1,4 +1,4 @@
-"""The scheduler: ping-pong micro-batches, fair queuing, slot handling."""
+"""Splitting a step into ping-pong micro-batches."""
 
 from __future__ import annotations
 
@@ -108,29 +108,3 @@ def test_two_tenants_never_take_a_slot_back_and_forth(mixtral_dir):
         computed.append(engine._requests["a"].num_computed if "a" in engine._requests else None)
     # one slot, equal weights: nobody is over a share of 0.5 by a whole slot, so a runs to its end
     assert all(later is None or earlier is None or later >= earlier for earlier, later in zip(computed, computed[1:]))
-
-
-def test_slots_go_lowest_first_and_a_step_decodes_in_slot_order(mixtral_dir):
-    from mixserve import SamplingParams
-    from mixserve.replicas.engine import LLMEngine
-    from mixserve.replicas.engine_config import EngineConfig
-    from mixserve.replicas.scheduler import SlotPool
-
-    pool = SlotPool(4)
-    taken = [pool.take() for _ in range(4)]
-    for slot in (3, 1, 2):
-        pool.give_back(slot)
-    assert taken == [0, 1, 2, 3] and [pool.take() for _ in range(3)] == [1, 2, 3]
-
-    engine = LLMEngine.from_checkpoint(mixtral_dir, EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64))
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    for i in range(4):
-        engine.add_request(f"r{i}", [1, 5 + i, 6, 7], params)
-    engine.step()
-    engine.step()
-    engine.abort("r1")
-    engine.add_request("late", [1, 9, 9, 9], params)
-    engine.step()  # "late" takes the freed slot 1 and prefills
-    assert engine._requests["late"].slot == 1
-    chunks = engine.scheduler.schedule()  # every sequence decodes now: in slot order, not arrival order
-    assert [c.seq.slot for c in chunks] == [0, 1, 2, 3] and all(c.length == 1 for c in chunks)
