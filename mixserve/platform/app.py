@@ -52,7 +52,9 @@ def build_app(config: DeploymentConfig) -> Application:
     tenants = [t.model_dump() for t in config.all_tenants()]
     # One ledger for the cluster: every admission and settlement of every ingress goes through it.
     ledger = serve.deployment(
-        TenantLedger, name="TenantLedger", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0}
+        TenantLedger, name="TenantLedger", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0},
+        # Its calls are internal (admissions, settlements, replica stats twice a second): no access log line each.
+        logging_config={"enable_access_log": False},
     ).bind(tenants)
     autoscaling = config.attention.autoscaling
     scaling = (

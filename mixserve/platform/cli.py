@@ -72,6 +72,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     from mixserve.platform.app import APP_NAME, build_app
     from mixserve.platform.config import DeploymentConfig
+    from mixserve.platform.direct_ingress import replica_http_ports
     from mixserve.platform.ray_env import apply_serve_env
 
     if ns.detach and not ns.address:
@@ -91,6 +92,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     print(f"mixserve: serving {config.model.name} at http://{config.http.host}:{config.http.port}/v1{grpc_note} "
           f"({replicas} attention replicas, {config.experts.shards or 'in-process'} expert shards)",
           flush=True)
+    direct = [p.url(config.http.host) + "/v1" for p in replica_http_ports(APP_NAME)]
+    if direct:  # the same API, one hop shorter (no proxy): for a load balancer or a client on this node
+        print(f"mixserve: the replicas also serve HTTP directly at {', '.join(direct)}", flush=True)
     if ns.detach:
         return 0
     try:
@@ -134,6 +138,7 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     from ray import serve
 
     from mixserve.platform.app import APP_NAME
+    from mixserve.platform.direct_ingress import replica_http_ports
 
     app = _connect(ns.address)
     report: dict = {"status": str(app.status), "deployments": {}}
@@ -141,6 +146,8 @@ def _cmd_status(ns: argparse.Namespace) -> int:
         report["deployments"][name] = {"status": str(dep.status), "replicas": dict(dep.replica_states)}
     replica = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME)
     report["attention"] = replica.stats.remote().result(timeout_s=30)
+    # Replicas serving HTTP themselves (on the deployment's http.host), besides the proxy.
+    report["replica_http_ports"] = [vars(p) for p in replica_http_ports(APP_NAME)]
     if "ExpertRouter" in app.deployments:
         report["experts"] = _experts_report(serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME))
     print(json.dumps(report, indent=2, default=str))

@@ -178,3 +178,25 @@ def test_overload_gets_503_with_retry_after_and_the_server_recovers(serve_http, 
     refused = next(r for r in responses if r.status_code == 503)
     assert refused.json()["error"]["type"] == "service_unavailable" and int(refused.headers["Retry-After"]) >= 1
     assert complete(serve_http, prompt=[1, 2], max_tokens=2).status_code == 200
+
+
+def test_each_replica_also_serves_the_api_on_its_own_port_without_the_proxy(serve_http, mixtral_dir):
+    from mixserve.platform.direct_ingress import replica_http_ports
+
+    deploy(serve_http, mixtral_dir, attention={"replicas": 2, "engine": {"max_model_len": 256, "num_threads": 1}})
+    ports = replica_http_ports(APP_NAME)
+    assert len(ports) == 2 and len({p.port for p in ports}) == 2 and str(ports[0].port) not in serve_http
+    expected = expected_texts(mixtral_dir)[0]
+    for port in ports:
+        url = port.url("127.0.0.1")
+        with requests.post(f"{url}/v1/completions", stream=True, timeout=120,
+                           json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0,
+                                 "ignore_eos": True, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line]
+        assert events[-1] == "[DONE]"
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == expected
+        bad = complete(url, prompt="hi", top_p=2)  # the same validation and error shape as through the proxy
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
+    assert complete(serve_http, prompt=PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True).json()[
+        "choices"][0]["text"] == expected  # the proxy's port keeps working
