@@ -291,8 +291,8 @@ def main() -> None:
         ns.models, ns.dtypes, ns.concurrency, ns.new_tokens, ns.repeats = "tiny-mixtral", "float32", "1,8", 32, 1
     concurrency = [int(c) for c in ns.concurrency.split(",")]
     peers = [p for p in ns.peers.split(",") if p]
-    bandwidth, copy = read_bandwidth_gbs(), copy_bandwidth_gbs()
-    print(f"read bandwidth {bandwidth:.1f} GB/s, copy bandwidth {copy:.1f} GB/s", flush=True)
+    read, copy = read_bandwidth_gbs(), copy_bandwidth_gbs()
+    print(f"read bandwidth {read:.1f} GB/s, copy bandwidth {copy:.1f} GB/s", flush=True)
 
     headers = ["tokens/s", "dtype", "mixserve", "transformers", "vLLM CPU (best)", "copy floor", "read floor",
                "x vLLM", "x transformers", "copy floor / mixserve", "read floor / mixserve", "vLLM version, setting"]
@@ -315,7 +315,7 @@ def main() -> None:
             ours, hf, vllm = figures["mixserve"], figures.get("transformers"), best_of_vllm(figures, workers)
             step_bytes = {n: weight_bytes_per_decode_step(args, n, DTYPE_BYTES[dtype]) for n in concurrency}
             copy_floor = {n: n * copy * 1e9 / step_bytes[n] for n in concurrency}
-            read_floor = {n: n * bandwidth * 1e9 / step_bytes[n] for n in concurrency}
+            read_floor = {n: n * read * 1e9 / step_bytes[n] for n in concurrency}
             rows.append(["prefill 512", dtype, ours.prefill, hf and hf.prefill, vllm and vllm.prefill, None, None,
                          _ratio(ours.prefill, vllm and vllm.prefill), _ratio(ours.prefill, hf and hf.prefill), None, None,
                          vllm.settings.get("prefill", "") if vllm else ""])
@@ -329,7 +329,7 @@ def main() -> None:
         print(f"\n{model_name}\n{table}", flush=True)
         if not ns.no_write:
             notes = (
-                f"Bandwidths measured in the same run: copy {copy:.1f} GB/s (1 GiB copied), read {bandwidth:.1f} GB/s "
+                f"Bandwidths measured in the same run: copy {copy:.1f} GB/s (1 GiB copied), read {read:.1f} GB/s "
                 "(torch's threads summing 1 GiB). Floor = concurrency x bandwidth / weight bytes read per decode step "
                 "(experts: expected distinct experts under uniform top-2 routing): the copy floor is the one the engine's "
                 "targets are stated against (small-mixtral within 1.25x of it), the read floor a stricter one. "
