@@ -82,7 +82,7 @@ class ZmqEcho:
     def __init__(self):
         from mixserve.expert_shards.channel import ShardServer
 
-        self.server = ShardServer(lambda layer, experts, counts, x: x)
+        self.server = ShardServer(lambda layer, x, expert_ids, weights: x)
 
     def address(self) -> str:
         return self.server.address
@@ -97,7 +97,8 @@ def measure_zmq(rows: int, dim: int, iters: int) -> dict[str, float]:
 
     actors = [ray.remote(ZmqEcho).options(num_cpus=0).remote() for _ in range(N_SHARDS)]
     transport = ZmqTransport(dict(enumerate(ray.get([a.address.remote() for a in actors]))))
-    requests = {i: ShardRequest([0], [rows], torch.randn(rows, dim)) for i in range(N_SHARDS)}
+    requests = {i: ShardRequest(torch.randn(rows, dim), torch.zeros(rows, 2, dtype=torch.long), torch.ones(rows, 2))
+                for i in range(N_SHARDS)}
     samples = []
     for i in range(iters + 20):
         start = time.perf_counter()

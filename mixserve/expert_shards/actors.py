@@ -47,10 +47,11 @@ class ExpertShardActor:
         """What loading cost this shard (bytes fetched, from where)."""
         return self._shard.weights.report()
 
-    def compute(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray) -> tuple[np.ndarray, float]:
-        """(outputs, seconds spent computing them)."""
+    def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
+        """(this shard's weighted outputs, seconds spent computing them); see ExpertShard.compute."""
         start = time.perf_counter()
-        out = self._shard.compute(layer, experts, counts, torch.from_numpy(np.array(x))).numpy()
+        tensors = (torch.from_numpy(np.array(a)) for a in (x, expert_ids, weights))
+        out = self._shard.compute(layer, *tensors).numpy()
         return out, time.perf_counter() - start
 
 
@@ -64,7 +65,7 @@ class RayActorTransport:
 
     def submit(self, layer: int, requests: dict[int, ShardRequest]) -> tuple[int, dict]:
         refs = {
-            sid: self.actors[sid].compute.remote(layer, r.experts, r.counts, r.x.contiguous().numpy())
+            sid: self.actors[sid].compute.remote(layer, r.x.contiguous().numpy(), r.expert_ids.numpy(), r.weights.numpy())
             for sid, r in requests.items()
         }
         return layer, refs

@@ -12,10 +12,11 @@ socket, with framing, reconnects and zero-copy sends done by a well-kept library
 owns the actors' lives; only the tensors take this path. (On GPUs the same Transport seam takes
 NCCL.)
 
-Wire format, one message each way per shard per layer:
-  request: [header JSON {id, layer, experts, counts, rows, dim, dtype, sent_at}, payload rows*dim]
+Wire format, one message each way per shard per layer (T_s tokens, K experts per token):
+  request: [header JSON {id, layer, rows, dim, k, dtype, sent_at}, x [T_s, dim] in dtype,
+            expert ids [T_s, k] int64 (-1: a slot another shard computes), gate weights [T_s, k] in dtype]
   reply:   [header JSON {id, rows, dim, dtype, compute_s, to_shard_s, replied_at} or {id, error},
-            payload (absent on error)]
+            output [T_s, dim] in dtype (absent on error)]
 (sent_at and replied_at are wall-clock stamps: the trip times they give are exact on one
 machine and approximate across machines; they only feed the dispatch statistics.)
 The channel is inside the cluster's network, like Ray's own ports: bind it to the node's
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 POLL_SLICE_MS = 200  # how often a waiting replica looks at connection events
-ComputeFn = Callable[[int, list[int], list[int], torch.Tensor], torch.Tensor]
+ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, x, expert_ids, weights)
 
 
 def _as_bytes(t: torch.Tensor):
@@ -50,9 +51,9 @@ def _as_bytes(t: torch.Tensor):
     return t.contiguous().view(torch.uint8).numpy()
 
 
-def _receive_tensor(sock: zmq.Socket, rows: int, dim: int, dtype: str) -> torch.Tensor:
+def _receive_tensor(sock: zmq.Socket, rows: int, dim: int, dtype: str | torch.dtype) -> torch.Tensor:
     """Reads the next frame straight into a new writable tensor."""
-    out = torch.empty(rows, dim, dtype=DTYPES[dtype])
+    out = torch.empty(rows, dim, dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype)
     if not sock.getsockopt(zmq.RCVMORE):
         raise ShardUnavailableError("malformed message from an expert shard: payload missing")
     n = sock.recv_into(_as_bytes(out))
@@ -86,10 +87,13 @@ class ShardServer:
             identity = sock.recv()
             header = json.loads(sock.recv())
             try:
-                x = _receive_tensor(sock, header["rows"], header["dim"], header["dtype"])
+                rows, k, dtype = header["rows"], header["k"], header["dtype"]
+                x = _receive_tensor(sock, rows, header["dim"], dtype)
+                expert_ids = _receive_tensor(sock, rows, k, torch.long)
+                weights = _receive_tensor(sock, rows, k, dtype)
                 received_at = time.time()
                 start = time.perf_counter()
-                out = self._compute(header["layer"], header["experts"], header["counts"], x).to(DTYPES[header["dtype"]])
+                out = self._compute(header["layer"], x, expert_ids, weights).to(DTYPES[dtype])
                 reply = {
                     "id": header["id"], "rows": out.shape[0], "dim": out.shape[1], "dtype": header["dtype"],
                     "compute_s": time.perf_counter() - start,
@@ -157,11 +161,13 @@ class ZmqTransport:
                 raise ShardUnavailableError(f"expert shard {shard} is unreachable: {peer.broken}")
             x = req.x.contiguous()
             header = {
-                "id": next(self._ids), "layer": layer, "experts": req.experts, "counts": req.counts,
-                "rows": x.shape[0], "dim": x.shape[1], "dtype": DTYPE_NAMES[x.dtype], "sent_at": time.time(),
+                "id": next(self._ids), "layer": layer, "rows": x.shape[0], "dim": x.shape[1],
+                "k": req.expert_ids.shape[1], "dtype": DTYPE_NAMES[x.dtype], "sent_at": time.time(),
             }
+            frames = [json.dumps(header).encode(), _as_bytes(x), _as_bytes(req.expert_ids.to(torch.long)),
+                      _as_bytes(req.weights.to(x.dtype))]
             try:
-                peer.socket.send_multipart([json.dumps(header).encode(), _as_bytes(x)], flags=zmq.NOBLOCK, copy=False)
+                peer.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:  # IMMEDIATE: nothing is queued for a shard that is not connected
                 raise ShardUnavailableError(f"expert shard {shard} is not connected") from None
             pending[shard] = header["id"]

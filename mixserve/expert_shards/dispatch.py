@@ -1,11 +1,13 @@
-"""Sending each MoE layer's token groups to the shards that hold their experts.
+"""Sending each MoE layer's tokens to the shards that hold their experts.
 
-Shape legend: T = tokens, D = model dim, K = experts per token, A = T*K assignments.
+Shape legend: T = tokens, D = model dim, K = experts per token, T_s = tokens shard s computes for.
 
-Per layer and step: route (top-k gate, group by expert) in the attention replica, pick one
-holder shard per active expert (least tokens so far this step, under the step's placement),
-send every shard its groups in one message, gather the unweighted outputs and combine them
-with the gate weights locally. The router only publishes placements: data never goes
+Per layer and step: the attention replica gates (top-k) and picks, for every token's slot, one
+shard holding that expert (a replicated expert's tokens are split over its holders, least
+loaded first, under the step's placement). Each shard gets, in one message, the rows of the
+tokens it has a slot for, their expert ids (-1 for a slot computed elsewhere) and gate weights;
+it runs the engine's own MoE kernel on them and sends back one gate-weighted row per token.
+The replica adds the shards' rows. The router only publishes placements: data never goes
 through it. A placement swap is atomic per step: the model latches the client's placement at the
 start of each step (`begin_step`), so a step in flight finishes on the table it began with.
 """
@@ -23,7 +25,7 @@ from torch import nn
 from mixserve.errors import MixserveError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
-from mixserve.model.moe import MoeLayer, group_by_expert
+from mixserve.model.moe import MoeLayer
 
 
 class ShardUnavailableError(MixserveError):
@@ -32,14 +34,14 @@ class ShardUnavailableError(MixserveError):
 
 @dataclass
 class ShardRequest:
-    experts: list[int]  # in the order their rows appear in x
-    counts: list[int]
-    x: torch.Tensor  # [A_shard, D]
+    x: torch.Tensor  # [T_s, D] the tokens with at least one slot on this shard
+    expert_ids: torch.Tensor  # [T_s, K] long: global expert ids, -1 where another shard computes the slot
+    weights: torch.Tensor  # [T_s, K] gate weights in x's dtype, 0 where expert_ids is -1
 
 
 @dataclass
 class ShardReply:
-    output: torch.Tensor  # [A_shard, D] unweighted expert outputs, in the request's row order
+    output: torch.Tensor  # [T_s, D] per token, the gate-weighted sum over this shard's slots
     compute_s: float  # the shard's own compute time for this request
     to_shard_s: float = 0.0  # request on the wire: sent here -> fully received there
     from_shard_s: float = 0.0  # reply on the wire: sent there -> fully received here
@@ -50,13 +52,13 @@ class DispatchStats:
     """Where the time of this replica's remote MoE layers goes, summed over layer calls."""
 
     calls: int = 0
-    route_s: float = 0.0  # group by expert, split over holders, pack one buffer per shard
+    route_s: float = 0.0  # pick a shard per slot, gather each shard's token rows
     send_s: float = 0.0  # hand the buffers to the transport
     wait_s: float = 0.0  # blocked until every answer is in (what ping-pong hides)
     expert_s: float = 0.0  # the slowest shard's own compute per call, as the shards report it
     to_shard_s: float = 0.0  # the request's trip to the last shard to answer (wall clocks)
     from_shard_s: float = 0.0  # that shard's reply's trip back
-    combine_s: float = 0.0  # unpack and weighted scatter-add back to tokens
+    combine_s: float = 0.0  # add the shards' weighted rows back to their tokens
 
     def reset(self) -> None:
         self.__init__()
@@ -86,7 +88,7 @@ class InProcessTransport:
         replies = {}
         for sid, r in requests.items():
             start = time.perf_counter()
-            out = self.shards[sid].compute(layer, r.experts, r.counts, r.x)
+            out = self.shards[sid].compute(layer, r.x, r.expert_ids, r.weights)
             replies[sid] = ShardReply(out, time.perf_counter() - start)
         return replies
 
@@ -104,6 +106,7 @@ class ShardClient:
         self.transport = transport
         self.tokens_sent = [0] * placement.n_shards  # cumulative per shard, reported to the router
         self.expert_tokens = [0] * placement.num_experts  # cumulative per expert
+        self._first_holders: tuple[Placement | None, torch.Tensor] = (None, torch.empty(0))  # cached per placement
         self.stats = DispatchStats()
 
     def set_placement(self, placement: Placement) -> None:
@@ -132,6 +135,33 @@ class ShardClient:
                     load[shard] += rows
         return parts
 
+    def route(self, placement: Placement, expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The shard that computes each slot of expert_ids [T, K] (a [T, K] tensor), and the
+        shards that got any, in order. Counts the load (per expert, per shard) as it goes."""
+        flat = expert_ids.reshape(-1)  # [T*K]
+        counts = torch.bincount(flat, minlength=placement.num_experts).tolist()
+        for expert, n in enumerate(counts):
+            self.expert_tokens[expert] += n
+        if self._first_holders[0] is not placement:
+            self._first_holders = (placement, torch.tensor([h[0] for h in placement.holders], dtype=torch.long))
+        shard_of = self._first_holders[1][expert_ids]  # right for every expert with a single holder
+        per_shard = [0] * placement.n_shards
+        split: dict[int, list[tuple[int, int]]] = {}
+        for expert, shard, rows in self.assign(placement, counts):
+            per_shard[shard] += rows
+            split.setdefault(expert, []).append((shard, rows))
+        flat_shard = shard_of.view(-1)
+        for expert, shares in split.items():
+            if len(shares) > 1 or shares[0][0] != placement.holders[expert][0]:  # only replicated experts
+                slots = (flat == expert).nonzero().squeeze(1)  # in token order
+                start = 0
+                for shard, rows in shares:
+                    flat_shard[slots[start:start + rows]] = shard
+                    start += rows
+        for shard, n in enumerate(per_shard):
+            self.tokens_sent[shard] += n
+        return shard_of, [s for s, n in enumerate(per_shard) if n]
+
 
 class RemoteExperts(nn.Module):
     """The Experts of one layer, computed on shards (implements mixserve.model.moe.Experts)."""
@@ -149,31 +179,21 @@ class RemoteExperts(nn.Module):
         self.client.begin_step()
 
     def start(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Sends this layer's groups to the shards; the returned call waits and combines."""
+        """Sends this layer's tokens to the shards; the returned call waits and combines.
+        x [T, D], expert_ids [T, K], weights [T, K] (x's dtype)."""
         began = time.perf_counter()
-        placement = self.client.step_placement  # latched for the whole step (begin_step)
-        routing = group_by_expert(expert_ids, weights, self.num_experts)
-        cursor = {e: start for e, start, _ in routing.segments()}  # next unassigned row of each group
-        for expert, n in enumerate(routing.counts):
-            self.client.expert_tokens[expert] += n
+        client = self.client
+        shard_of, shards = client.route(client.step_placement, expert_ids)  # [T, K]: the shard computing each slot
+        requests: dict[int, ShardRequest] = {}
+        token_rows: dict[int, torch.Tensor] = {}
+        for shard in shards:
+            held = shard_of == shard  # [T, K]
+            rows = held.any(dim=1).nonzero().squeeze(1)  # [T_s]
+            token_rows[shard] = rows
+            requests[shard] = ShardRequest(x=x[rows], expert_ids=expert_ids.masked_fill(~held, -1)[rows],
+                                           weights=weights.masked_fill(~held, 0)[rows])
 
-        parts: dict[int, list[tuple[int, int]]] = {}  # shard -> (expert, rows), in send order
-        send_order: list[int] = []  # grouped assignment rows, shard after shard
-        for shard, expert, n in sorted((s, e, n) for e, s, n in self.client.assign(placement, routing.counts)):
-            parts.setdefault(shard, []).append((expert, n))
-            send_order.extend(range(cursor[expert], cursor[expert] + n))
-            cursor[expert] += n
-        order = torch.tensor(send_order, dtype=torch.long, device=x.device)
-        token_rows = routing.token_index[order]  # [A]: source token of each row sent
-        chunks = x[token_rows].split([sum(n for _, n in p) for p in parts.values()])  # one gather, views per shard
-        requests = {
-            shard: ShardRequest(experts=[e for e, _ in shard_parts], counts=[n for _, n in shard_parts], x=chunk)
-            for (shard, shard_parts), chunk in zip(parts.items(), chunks)
-        }
-        for shard, req in requests.items():
-            self.client.tokens_sent[shard] += req.x.shape[0]
-
-        transport, stats = self.client.transport, self.client.stats
+        transport, stats = client.transport, client.stats
         routed = time.perf_counter()
         pending = transport.submit(self.layer, requests)
         sent = time.perf_counter()
@@ -185,11 +205,11 @@ class RemoteExperts(nn.Module):
             waited = time.perf_counter()
             replies = transport.collect(pending)
             answered = time.perf_counter()
-            outputs = torch.cat([replies[shard].output for shard in parts])  # [A, D] in send order
-            # Weighted scatter-add back to tokens; with two terms per token the order of the
-            # additions cannot change the sum, so this equals the single-process combine.
-            weighted = outputs * routing.weights[order][:, None].to(outputs.dtype)
-            result = torch.zeros_like(x, dtype=outputs.dtype).index_add_(0, token_rows, weighted)
+            # Each token gets its (at most K) slots' weighted rows from one or more shards. With
+            # two slots per token, adding them to zero in either order gives the same sum.
+            result = torch.zeros_like(x)
+            for shard, rows in token_rows.items():
+                result.index_add_(0, rows, replies[shard].output.to(x.dtype))
             stats.wait_s += answered - waited
             stats.expert_s += max((r.compute_s for r in replies.values()), default=0.0)
             last = max(replies.values(), key=lambda r: r.to_shard_s + r.compute_s + r.from_shard_s, default=None)

@@ -2,8 +2,9 @@
 
 `ExpertShard` is a plain class so that tests and the in-process transport can use it
 directly; `mixserve.expert_shards.actors` wraps it as a Ray actor. It reads only its own
-experts' tensors from the checkpoint and runs token groups through the same dropless grouped
-compute as the single-process engine (`LocalExperts.run_groups`), so results match bit for bit.
+experts' tensors from the checkpoint and runs its tokens through the engine's own MoE code
+(`LocalExperts`: dropless grouped GEMMs, or a library's fused layer), and combines their
+gate-weighted outputs itself, so only one row per token travels back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mixserve.model.args import ModelArgs
 from mixserve.model.checkpoint import load_weights
 from mixserve.model.factory import DTYPES
 from mixserve.model.moe import LocalExperts
+from mixserve.model.moe_kernels import resolve_moe_kernel
 from mixserve.model.packed import pack_model
 from mixserve.model.weights_source import WeightsSource, as_weights_source
 
@@ -53,7 +55,8 @@ class ShardInfo:
 
 
 class ExpertShard:
-    def __init__(self, shard_id: int, checkpoint: str | Path | WeightsSource, experts: list[int], dtype: str = "float32"):
+    def __init__(self, shard_id: int, checkpoint: str | Path | WeightsSource, experts: list[int], dtype: str = "float32",
+                 moe_kernel: str = "torch"):
         # One source for the shard's life: a remote one keeps its headers for add_expert.
         self.weights = as_weights_source(checkpoint)
         args = ModelArgs.from_folder(self.weights.folder())
@@ -63,10 +66,16 @@ class ExpertShard:
         if bad or not experts:
             raise ValueError(f"shard {shard_id}: experts {experts} must be a non-empty subset of 0..{args.num_experts - 1}")
         self._args, self._dtype = args, DTYPES[dtype]
+        # 'torch' (grouped oneDNN GEMMs) by default: inside 1-thread shard actors on the 2-core CI
+        # machine, small-mixtral's 4 experts x ~26 tokens ran 7.1-10.4 ms a layer grouped against
+        # 8.7-12.0 through zentorch's fused layer (alternating runs, no consistent winner), and the
+        # fused kernel needs a plain-GEMM detour whenever a shard has one active expert (c=1).
+        self.moe_kernel = resolve_moe_kernel(moe_kernel, self._dtype, "cpu")
         model, self.weight_bytes = self._load(list(experts))
         self.shard_id = shard_id
         self.experts = tuple(experts)
-        self._local = {e: j for j, e in enumerate(experts)}
+        self._to_local = torch.full((args.num_experts,), -1, dtype=torch.long)  # global id -> row here, -1 if not held
+        self._to_local[list(experts)] = torch.arange(len(experts))
         self._layers = [block.feed_forward.experts for block in model.layers]
 
     def _load(self, experts: list[int]) -> tuple[ShardExperts, int]:
@@ -75,18 +84,17 @@ class ExpertShard:
         model = model.to_empty(device="cpu").to(self._dtype).requires_grad_(False)
         load_weights(model, self.weights, self._args, experts=experts)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return pack_model(model), weight_bytes
+        return pack_model(model, self.moe_kernel), weight_bytes
 
     def add_expert(self, expert: int) -> ShardInfo:
         """Loads one more expert (a replica of a hot one) for every layer; callers route tokens
         to it only after this returns."""
-        if expert in self._local:
+        if expert in self.experts:
             return self.info()
         extra, extra_bytes = self._load([expert])
         for layer, block in zip(self._layers, extra.layers):
-            layer.packed.append(block.feed_forward.experts.packed[0])
-            layer.num_experts += 1
-        self._local[expert] = len(self.experts)
+            layer.add_experts(block.feed_forward.experts)
+        self._to_local[expert] = len(self.experts)
         self.experts = (*self.experts, expert)
         self.weight_bytes += extra_bytes
         return self.info()
@@ -95,16 +103,23 @@ class ExpertShard:
         return ShardInfo(self.shard_id, self.experts, self.weight_bytes)
 
     @torch.inference_mode()
-    def compute(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
-        """x [A, D]: the rows of each listed expert, grouped in that order with those counts.
-        Returns the unweighted expert outputs [A, D] in the same order."""
-        missing = [e for e in experts if e not in self._local]
-        if missing:
-            raise ValueError(f"shard {self.shard_id} does not hold experts {missing} (it holds {list(self.experts)})")
+    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This shard's part of one MoE layer for some tokens.
+
+        x [T, D]; expert_ids [T, K] global expert ids, -1 for a slot another shard computes;
+        weights [T, K] gate weights. Returns [T, D]: per token, the gate-weighted sum of the
+        outputs of its experts held here (the attention side adds the shards' parts)."""
         if not 0 <= layer < len(self._layers):
             raise ValueError(f"shard {self.shard_id}: no layer {layer}")
-        segments, start = [], 0
-        for expert, n in zip(experts, counts):
-            segments.append((self._local[expert], start, start + n))
-            start += n
-        return self._layers[layer].run_groups(x.to(self._dtype), segments)
+        n_experts = self._args.num_experts
+        if x.dim() != 2 or x.shape[1] != self._args.dim or expert_ids.shape != weights.shape or expert_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"shard {self.shard_id}: bad shapes x {list(x.shape)}, expert_ids {list(expert_ids.shape)}, "
+                             f"weights {list(weights.shape)} (model dim {self._args.dim})")
+        if expert_ids.numel() and (expert_ids.min() < -1 or expert_ids.max() >= n_experts):
+            raise ValueError(f"shard {self.shard_id}: expert ids must lie in -1..{n_experts - 1}")
+        asked = expert_ids >= 0
+        local = torch.where(asked, self._to_local[expert_ids.clamp(min=0)], -1)
+        if bool((asked & (local < 0)).any()):
+            missing = sorted(set(expert_ids[asked & (local < 0)].tolist()))
+            raise ValueError(f"shard {self.shard_id} does not hold experts {missing} (it holds {list(self.experts)})")
+        return self._layers[layer].forward_held(x.to(self._dtype), local, weights.to(self._dtype))

@@ -58,14 +58,13 @@ class Routing:
 
 
 def group_by_expert(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> Routing:
+    """Groups the assignments by expert. An id of -1 marks a slot computed elsewhere (an expert
+    shard gets only the slots it holds): it is left out, and its token keeps its other slots."""
     flat = expert_ids.reshape(-1)  # [A]
-    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # [E + 1]: first the skipped
+    order = torch.argsort(flat, stable=True)[counts[0]:]  # -1 sorts first
     k = expert_ids.shape[1]
-    return Routing(
-        token_index=order // k,
-        weights=weights.reshape(-1)[order],
-        counts=torch.bincount(flat, minlength=num_experts).tolist(),
-    )
+    return Routing(token_index=order // k, weights=weights.reshape(-1)[order], counts=counts[1:])
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -109,13 +108,48 @@ class LocalExperts(nn.Module):
             # One token (batch-1 decode): no grouping needed, and every saved op shows at this size.
             out = None
             for expert, weight in zip(expert_ids[0].tolist(), weights[0]):
-                y = packed_swiglu_expert(x, *self.packed[expert]) * weight
-                out = y if out is None else out + y
-            return out
+                if expert >= 0:
+                    y = packed_swiglu_expert(x, *self.packed[expert]) * weight
+                    out = y if out is None else out + y
+            return out if out is not None else torch.zeros_like(x)
         routing = group_by_expert(expert_ids, weights, self.num_experts)
         grouped_x = x[routing.token_index]  # [A, D]
         outputs = self.run_groups(grouped_x, list(routing.segments()))
         return combine(outputs, routing, x.shape[0])
+
+    def forward_held(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """forward on an expert shard's share: x [T, D], expert_ids [T, K] with -1 for each slot
+        held by another shard -> [T, D], per token the weighted sum over its slots here (zero
+        for a token with none). The caller adds the shards' parts."""
+        held = expert_ids >= 0
+        weights = weights.masked_fill(~held, 0)
+        n_active = int(torch.bincount(expert_ids.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].count_nonzero())
+        if n_active == 0:
+            return torch.zeros_like(x)
+        if not self.fused:
+            return self.forward(x, expert_ids, weights)  # the grouped path skips -1 slots itself
+        if n_active == 1:
+            # zentorch's fused kernel refuses a single active expert (it happens on a shard
+            # when each token has one slot here): one plain SwiGLU, each row weighted by its slot.
+            expert = int(expert_ids.max())
+            return swiglu_expert(x, self.w13[expert], self.w2[expert]) * weights.sum(dim=1, keepdim=True)
+        # The fused kernel takes exactly K ids per row: a slot held elsewhere repeats an expert
+        # active here with weight 0, which adds exactly nothing and costs one extra GEMM row on
+        # weights that stream from memory anyway.
+        row_max = expert_ids.max(dim=1, keepdim=True).values  # [T, 1]: a slot of the row held here, else -1
+        fill = torch.where(row_max >= 0, row_max, expert_ids.max())
+        return fused_moe(x, self.w13, self.w2, torch.where(held, expert_ids, fill), weights)
+
+    def add_experts(self, other: LocalExperts) -> None:
+        """Appends other's experts (prepared the same way) after this layer's own."""
+        if self.fused:
+            # New tensors, then swapped in: a concurrent forward sees the old or the new pair,
+            # and no id reaches the new rows before the caller publishes them.
+            w13, w2 = torch.cat([self.w13.data, other.w13.data]), torch.cat([self.w2.data, other.w2.data])
+            self.w13.data, self.w2.data = w13, w2
+        else:
+            self.packed = [*self.packed, *other.packed]
+        self.num_experts += other.num_experts
 
     def run_groups(self, grouped_x: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """Unweighted expert outputs for token groups: rows start..end of grouped_x go through

@@ -51,21 +51,50 @@ def test_four_shards_with_a_replicated_expert_match_the_single_process_engine(mi
     assert all(n > 0 for n in client.tokens_sent)
 
 
+def slots(expert_ids: list[list[int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ids [T, K] as a tensor, and gate weights for them (0 where the id is -1)."""
+    ids = torch.tensor(expert_ids)
+    weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed))
+    return ids, weights.masked_fill(ids < 0, 0)
+
+
 def test_a_shard_reads_only_its_own_experts(mixtral_dir):
     shard = ExpertShard(0, mixtral_dir, [2, 5])
     full = ExpertShard(1, mixtral_dir, list(range(8)))
     assert shard.weight_bytes * 4 == full.weight_bytes
     x = torch.randn(3, 64)
+    ids, weights = slots([[5, 2], [-1, 5], [2, -1]])
     for layer in (0, 3):
-        a = shard.compute(layer, [5, 2], [2, 1], x)
-        b = full.compute(layer, [5, 2], [2, 1], x)
-        assert torch.equal(a, b)
+        a = shard.compute(layer, x, ids, weights)
+        b = full.compute(layer, x, ids, weights)
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("moe_kernel", ["torch", "auto"])
+def test_two_shards_partial_sums_add_up_to_the_whole_layer(mixtral_dir, moe_kernel):
+    """Each token's slots split over two shards (ids -1 where the other computes): the shards'
+    weighted rows add up to what one shard holding all experts gives, whichever kernel runs."""
+    low = ExpertShard(0, mixtral_dir, [0, 1, 2, 3], moe_kernel=moe_kernel)
+    high = ExpertShard(1, mixtral_dir, [4, 5, 6, 7], moe_kernel=moe_kernel)
+    full = ExpertShard(2, mixtral_dir, list(range(8)), moe_kernel=moe_kernel)
+    ids, weights = slots([[1, 6], [3, 0], [7, 4], [2, 5], [6, 2]], seed=1)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    mine = ids < 4
+    parts = low.compute(1, x, ids.masked_fill(~mine, -1), weights.masked_fill(~mine, 0))
+    parts = parts + high.compute(1, x, ids.masked_fill(mine, -1), weights.masked_fill(mine, 0))
+    whole = full.compute(1, x, ids, weights)
+    assert torch.allclose(parts, whole, atol=1e-5), (parts - whole).abs().max()
+    assert not torch.allclose(whole, torch.zeros_like(whole))
 
 
 def test_shard_refuses_experts_it_does_not_hold(mixtral_dir):
     shard = ExpertShard(0, mixtral_dir, [0, 1])
-    with pytest.raises(ValueError, match="does not hold"):
-        shard.compute(0, [3], [1], torch.randn(1, 64))
+    with pytest.raises(ValueError, match="does not hold experts \\[3\\]"):
+        shard.compute(0, torch.randn(1, 64), *slots([[3, 1]]))
+    with pytest.raises(ValueError, match="expert ids must lie in"):
+        shard.compute(0, torch.randn(1, 64), *slots([[8, 1]]))
+    with pytest.raises(ValueError, match="bad shapes"):
+        shard.compute(0, torch.randn(2, 64), *slots([[0, 1]]))
 
 
 def test_dense_models_have_no_experts_to_shard(mistral_dir):
@@ -73,14 +102,18 @@ def test_dense_models_have_no_experts_to_shard(mistral_dir):
         ExpertShard(0, mistral_dir, [0])
 
 
-def test_a_shard_can_take_a_replica_of_another_expert_at_run_time(mixtral_dir):
-    shard = ExpertShard(0, mixtral_dir, [0, 1])
-    reference = ExpertShard(1, mixtral_dir, [6])
+@pytest.mark.parametrize("moe_kernel", ["torch", "auto"])
+def test_a_shard_can_take_a_replica_of_another_expert_at_run_time(mixtral_dir, moe_kernel):
+    shard = ExpertShard(0, mixtral_dir, [0, 1], moe_kernel=moe_kernel)
+    reference = ExpertShard(1, mixtral_dir, [6], moe_kernel=moe_kernel)
     info = shard.add_expert(6)
     assert info.experts == (0, 1, 6)
     x = torch.randn(4, 64)
-    assert torch.equal(shard.compute(2, [6], [4], x), reference.compute(2, [6], [4], x))
-    assert torch.equal(shard.compute(2, [1], [4], x), ExpertShard(2, mixtral_dir, [1]).compute(2, [1], [4], x))
+    ids, weights = slots([[6, -1]] * 4)
+    assert torch.allclose(shard.compute(2, x, ids, weights), reference.compute(2, x, ids, weights), atol=1e-6)
+    ids, weights = slots([[1, 6], [6, 0], [-1, 1], [0, -1]])
+    single = ExpertShard(2, mixtral_dir, [0, 1, 6], moe_kernel=moe_kernel)
+    assert torch.allclose(shard.compute(2, x, ids, weights), single.compute(2, x, ids, weights), atol=1e-6)
 
 
 class RecordingTransport(InProcessTransport):
@@ -92,7 +125,7 @@ class RecordingTransport(InProcessTransport):
         self.on_layer = on_layer or {}
 
     def submit(self, layer, requests):
-        self.calls.append((layer, {sid: list(r.experts) for sid, r in requests.items()}))
+        self.calls.append((layer, {sid: sorted(set(r.expert_ids[r.expert_ids >= 0].tolist())) for sid, r in requests.items()}))
         if layer in self.on_layer:
             self.on_layer.pop(layer)()
         return super().submit(layer, requests)
