@@ -3,7 +3,7 @@
 For each model, in one run on a local Ray cluster:
 - decode tokens/s at concurrency 1, 8 and 32 (16-token prompts, ignore_eos), for the
   single-process engine and for the attention engine dispatching to expert shard actors
-  (ZeroMQ channels), with ping-pong micro-batches off and on;
+  (TCP channels), with ping-pong micro-batches off and on;
 - the per-layer dispatch breakdown (gate, route and pack, send, exposed wait, expert compute
   as the shards report it, send + receive, combine) against the raw round trip of the same
   transport and payload (an echo, measured in the same run);
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, format_table, median_time, write_results  # noqa: E402
 from benchmarks.engine import ensure_checkpoint, prompts  # noqa: E402
-from benchmarks.transport import measure_zmq  # noqa: E402
+from benchmarks.transport import measure_tcp  # noqa: E402
 from mixserve import SamplingParams  # noqa: E402
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group  # noqa: E402
-from mixserve.expert_shards.channel import ZmqTransport  # noqa: E402
+from mixserve.expert_shards.channel import TcpTransport  # noqa: E402
 from mixserve.expert_shards.dispatch import ShardClient, remote_feed_forward  # noqa: E402
 from mixserve.expert_shards.placement import Placement, max_over_mean  # noqa: E402
 from mixserve.model import ModelArgs, load_model  # noqa: E402
@@ -84,7 +84,7 @@ class Topology:
 
 def start_topology(folder: Path, placement: Placement, max_seqs: int, threads: int) -> Topology:
     group = start_shard_group(folder, placement, cpus_per_shard=1, num_threads=1)
-    transport = ZmqTransport({sid: info.address for sid, info in group.infos.items()})
+    transport = TcpTransport({sid: info.address for sid, info in group.infos.items()})
     client = ShardClient(placement, transport)
     model = load_model(folder, max_positions=512, feed_forward_factory=remote_feed_forward(client))
     tokenizer = Tokenizer.from_checkpoint(folder)
@@ -195,7 +195,7 @@ def main() -> None:
 
             parts = breakdown(topo, folder, top, ns.new_tokens)
             rows_per_shard = top * args.num_experts_per_tok // N_SHARDS
-            raw = measure_zmq(rows_per_shard, args.dim, 200)
+            raw = measure_tcp(rows_per_shard, args.dim, 200)
             labels = [("gate_s", "gate (logits + top-2)"), ("route_s", "route and pack"), ("send_s", "send (hand to the channel)"),
                       ("to_shard_s", "request on the wire (last shard to answer)"),
                       ("expert_s", "expert compute (slowest shard)"),
@@ -204,7 +204,7 @@ def main() -> None:
                       ("transfer_s", "wait - expert compute"),
                       ("combine_s", "combine"), ("overhead_s", "dispatch overhead (route + send + wait - compute + combine)")]
             split = format_table(["per MoE layer, ms", f"c={top}"], [[label, parts[key]] for key, label in labels] + [
-                [f"raw round trip, zmq echo of [{rows_per_shard}, {args.dim}] to {N_SHARDS} shards (median)", raw["median_ms"]],
+                [f"raw round trip, tcp echo of [{rows_per_shard}, {args.dim}] to {N_SHARDS} shards (median)", raw["median_ms"]],
                 ["overhead / raw round trip", parts["overhead_s"] / raw["median_ms"]],
             ])
             balance_rows = []
@@ -237,7 +237,7 @@ def main() -> None:
     if not ns.no_write:
         write_results(
             "Expert parallelism: disaggregated vs single process",
-            f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each; ZeroMQ channels), the attention engine in "
+            f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each; TCP channels), the attention engine in "
             f"the driver process ({ns.attention_threads} torch thread(s)); the single-process engine in the same process "
             f"({DEFAULT_THREADS} threads), same "
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats}. "

@@ -10,7 +10,9 @@ teardown cannot stall the run), medians and p99 over many layers:
 - cgraph: a Ray Compiled Graph over the same two actors (shared-memory channels)
 - gloo: torch.distributed gloo point-to-point inside a placement group (replica + 2 shards;
   a 2-int size header then the payload, since group sizes change every layer)
-- zmq: mixserve's own channel (mixserve/expert_shards/channel.py) between the same actors
+- tcp: mixserve's own channel (mixserve/expert_shards/channel.py) between the same actors
+- zmq: a ZeroMQ DEALER/ROUTER echo of the same frames (mixserve's channel before the TCP one;
+  measured only where pyzmq is installed, which mixserve no longer needs)
 
 Run:
     .venv/bin/python benchmarks/transport.py            # D=1024, rows per shard 1, 8, 32
@@ -32,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import format_table, write_results  # noqa: E402
 
-TRANSPORTS = ("actor", "actor-torch", "cgraph", "gloo", "zmq")
+TRANSPORTS = ("actor", "actor-torch", "cgraph", "gloo", "zmq", "tcp")
 N_SHARDS = 2
 CHOICE = (
-    "Choice: mixserve sends token groups over ZeroMQ (zmq rows). Compiled Graph and gloo are as fast or "
-    "faster per hop, but an actor runs one Compiled Graph at a time and a gloo group's members are fixed "
-    "at rendezvous, so neither lets autoscaled attention replicas join and leave the shared shards alone; "
-    "Ray actor calls allow that but cost 3 to 9x more per hop. On GPUs, NCCL goes behind the same "
+    "Choice: mixserve sends token groups over its own framed TCP connections (tcp rows). An actor runs one "
+    "Compiled Graph at a time and a gloo group's members are fixed at rendezvous, so neither lets autoscaled "
+    "attention replicas join and leave the shared shards alone; Ray actor calls allow that but cost several "
+    "times more per hop; ZeroMQ (mixserve's first channel) adds two I/O-thread hand-offs per message, which "
+    "queue behind the experts' compute when the shards fill the cores. On GPUs, NCCL goes behind the same "
     "Transport interface (mixserve/expert_shards/dispatch.py)."
 )
 
@@ -78,7 +81,7 @@ def measure_actor(rows: int, dim: int, iters: int, as_torch: bool = False) -> di
     return summarize(samples)
 
 
-class ZmqEcho:
+class TcpEcho:
     def __init__(self):
         from mixserve.expert_shards.channel import ShardServer
 
@@ -88,15 +91,16 @@ class ZmqEcho:
         return self.server.address
 
 
-def measure_zmq(rows: int, dim: int, iters: int) -> dict[str, float]:
+def measure_tcp(rows: int, dim: int, iters: int) -> dict[str, float]:
+    """mixserve's channel: the request carries x, expert ids and weights; the reply x."""
     import ray
     import torch
 
-    from mixserve.expert_shards.channel import ZmqTransport
+    from mixserve.expert_shards.channel import TcpTransport
     from mixserve.expert_shards.dispatch import ShardRequest
 
-    actors = [ray.remote(ZmqEcho).options(num_cpus=0).remote() for _ in range(N_SHARDS)]
-    transport = ZmqTransport(dict(enumerate(ray.get([a.address.remote() for a in actors]))))
+    actors = [ray.remote(TcpEcho).options(num_cpus=0).remote() for _ in range(N_SHARDS)]
+    transport = TcpTransport(dict(enumerate(ray.get([a.address.remote() for a in actors]))))
     requests = {i: ShardRequest(torch.randn(rows, dim), torch.zeros(rows, 2, dtype=torch.long), torch.ones(rows, 2))
                 for i in range(N_SHARDS)}
     samples = []
@@ -106,6 +110,59 @@ def measure_zmq(rows: int, dim: int, iters: int) -> dict[str, float]:
         if i >= 20:
             samples.append(time.perf_counter() - start)
     transport.close()
+    return summarize(samples)
+
+
+class ZmqEcho:
+    """A ZeroMQ ROUTER answering each [header, x, ids, weights] request with [header, x]."""
+
+    def __init__(self):
+        import threading
+
+        import zmq
+
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            identity, header, x, _, _ = self.socket.recv_multipart(copy=False)
+            self.socket.send_multipart([identity, header, x], copy=False)
+
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+
+def measure_zmq(rows: int, dim: int, iters: int) -> dict[str, float]:
+    import numpy as np
+    import ray
+    import zmq
+
+    actors = [ray.remote(ZmqEcho).options(num_cpus=0).remote() for _ in range(N_SHARDS)]
+    sockets = []
+    for address in ray.get([a.address.remote() for a in actors]):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(address)
+        sockets.append(sock)
+    x, ids, weights = np.random.randn(rows, dim).astype(np.float32), np.zeros((rows, 2), np.int64), np.ones((rows, 2), np.float32)
+    out = np.empty_like(x)
+    poller = zmq.Poller()
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
+    samples = []
+    for i in range(iters + 20):
+        start = time.perf_counter()
+        for sock in sockets:
+            sock.send_multipart([json.dumps({"layer": 0, "rows": rows}).encode(), x, ids, weights], copy=False)
+        waiting = set(sockets)
+        while waiting:
+            for sock in dict(poller.poll(10_000)):
+                json.loads(sock.recv())
+                sock.recv_into(out)
+                waiting.discard(sock)
+        if i >= 20:
+            samples.append(time.perf_counter() - start)
     return summarize(samples)
 
 
@@ -216,7 +273,8 @@ def run_one(transport: str, rows_list: list[int], dim: int, iters: int) -> None:
             result = measure_cgraph(rows, dim, iters)
             print(json.dumps({"rows": rows, **result}), flush=True)
             return  # one compiled graph per process: a second compile after teardown is not worth the risk
-        measure = {"actor": measure_actor, "actor-torch": lambda r, d, n: measure_actor(r, d, n, True), "gloo": measure_gloo, "zmq": measure_zmq}[transport]
+        measure = {"actor": measure_actor, "actor-torch": lambda r, d, n: measure_actor(r, d, n, True), "gloo": measure_gloo, "zmq": measure_zmq,
+                   "tcp": measure_tcp}[transport]
         print(json.dumps({"rows": rows, **measure(rows, dim, iters)}), flush=True)
 
 
@@ -251,6 +309,11 @@ def main() -> None:
         return
 
     transports = args.transports.split(",")
+    try:
+        import zmq  # noqa: F401 - only for the comparison row
+    except ImportError:
+        transports = [t for t in transports if t != "zmq"]
+        print("pyzmq is not installed: no zmq row")
     figures = {(t, r): measure_in_subprocess(t, r, args.dim, args.iters) for t in transports for r in rows_list}
     rows = []
     for r in rows_list:

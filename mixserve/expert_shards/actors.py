@@ -26,7 +26,7 @@ from mixserve.model.weights_source import WeightsSource
 
 class ExpertShardActor:
     """The Ray-facing face of an ExpertShard. Ray manages its life and control calls; token
-    groups arrive on its ZeroMQ channel (channel.py), or as numpy through `compute`."""
+    groups arrive on its TCP channel (channel.py), or as numpy through `compute`."""
 
     def __init__(self, shard_id: int, checkpoint: str | WeightsSource, experts: list[int], dtype: str, num_threads: int | None):
         if num_threads:

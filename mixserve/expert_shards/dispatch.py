@@ -68,7 +68,7 @@ class Transport(Protocol):
     """Moves one layer's groups to shards and back. `submit` returns as soon as the requests
     are on their way (the caller may compute meanwhile: ping-pong micro-batches), `collect`
     waits for the answers. Implementations: in-process (tests, and the baseline for
-    measuring), ZeroMQ channels (the default, see channel.py) and Ray actor calls; a GPU build
+    measuring), TCP channels (the default, see channel.py) and Ray actor calls; a GPU build
     adds NCCL behind the same calls."""
 
     def submit(self, layer: int, requests: dict[int, ShardRequest]) -> object:

@@ -140,10 +140,11 @@ class ExpertsSection(_Strict):
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs each expert shard reserves.")
     gpus_per_shard: float = Field(0.0, ge=0, description="Ray GPUs each expert shard reserves.")
     dispatch_timeout_s: float = Field(30.0, gt=0, description="A shard silent this long fails the step with a retryable error.")
-    transport: Literal["zmq", "ray"] = Field(
-        "zmq",
-        description="How token groups travel between replicas and shards: 'zmq' (direct ZeroMQ channels, "
-        "the fast path) or 'ray' (Ray actor calls; slower, kept for comparison). See benchmarks/RESULTS.md.",
+    transport: Literal["tcp", "ray"] = Field(
+        "tcp",
+        description="How token groups travel between replicas and shards: 'tcp' (a direct connection from "
+        "each replica to each shard, the fast path) or 'ray' (Ray actor calls; slower, kept for comparison). "
+        "See benchmarks/RESULTS.md.",
     )
 
 

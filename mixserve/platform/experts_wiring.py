@@ -13,20 +13,20 @@ import logging
 import uuid
 
 from mixserve.expert_shards.actors import RayActorTransport
-from mixserve.expert_shards.channel import ZmqTransport
+from mixserve.expert_shards.channel import TcpTransport
 from mixserve.expert_shards.dispatch import ShardClient, remote_feed_forward
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
 
 
-async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str = "zmq"):
+async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str = "tcp"):
     # Attaching starts the shards if the group was scaled to zero; heartbeats keep them up.
     replica = _replica_id()
     placement = await router.attach.remote(replica)
-    if transport == "zmq":
+    if transport == "tcp":
         addresses = await router.shard_addresses.remote()
-        channel = await asyncio.to_thread(ZmqTransport, addresses, timeout_s=timeout_s)
+        channel = await asyncio.to_thread(TcpTransport, addresses, timeout_s=timeout_s)
     else:
         channel = RayActorTransport(await router.shard_handles.remote(), timeout_s=timeout_s)
     client = ShardClient(placement, channel)
@@ -54,7 +54,7 @@ async def _report_load(router, client: ShardClient, replica: str) -> None:
             if version != client.placement.version:
                 placement = await router.placement.remote()
                 # A new version may carry restarted shards: take their addresses first.
-                if isinstance(client.transport, ZmqTransport):
+                if isinstance(client.transport, TcpTransport):
                     client.transport.set_addresses(await router.shard_addresses.remote())
                 else:
                     client.transport.actors = await router.shard_handles.remote()

@@ -9,7 +9,7 @@ import torch
 
 from mixserve import LLM, SamplingParams
 from mixserve.expert_shards.actors import RayActorTransport, start_shard_group
-from mixserve.expert_shards.channel import ZmqTransport
+from mixserve.expert_shards.channel import TcpTransport
 from mixserve.expert_shards.dispatch import ShardClient, ShardUnavailableError, remote_feed_forward
 from mixserve.expert_shards.placement import Placement
 from mixserve.model import load_model
@@ -18,23 +18,23 @@ from mixserve.replicas.engine_config import EngineConfig
 from mixserve.replicas.tokenizer import Tokenizer
 
 
-TRANSPORTS = ["zmq", "ray"]
+TRANSPORTS = ["tcp", "ray"]
 
 
 def transport_to(group, kind: str, timeout_s: float):
-    if kind == "zmq":
-        return ZmqTransport({sid: info.address for sid, info in group.infos.items()}, timeout_s=timeout_s)
+    if kind == "tcp":
+        return TcpTransport({sid: info.address for sid, info in group.infos.items()}, timeout_s=timeout_s)
     return RayActorTransport(group.actors, timeout_s=timeout_s)
 
 
-def engine_over(group, folder, transport="zmq", timeout_s=20.0, micro_batches=1):
+def engine_over(group, folder, transport="tcp", timeout_s=20.0, micro_batches=1):
     client = ShardClient(group.placement, transport_to(group, transport, timeout_s))
     model = load_model(folder, max_positions=256, feed_forward_factory=remote_feed_forward(client))
     config = EngineConfig(max_model_len=256, max_num_batched_tokens=48, micro_batches=micro_batches)
     return LLMEngine(model, Tokenizer.from_checkpoint(folder), config)
 
 
-@pytest.mark.parametrize("transport, micro_batches", [("zmq", 1), ("ray", 1), ("zmq", 2)])
+@pytest.mark.parametrize("transport, micro_batches", [("tcp", 1), ("ray", 1), ("tcp", 2)])
 def test_ray_shard_actors_give_the_single_process_tokens(ray_cluster, mixtral_dir, transport, micro_batches):
     placement = Placement.contiguous(8, 4, capacity=3).with_replica(5, 0)
     group = start_shard_group(mixtral_dir, placement, cpus_per_shard=1, num_threads=1)

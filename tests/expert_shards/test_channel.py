@@ -1,0 +1,173 @@
+"""The replica <-> shard TCP channel on loopback: results, errors, stalls and dead peers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from mixserve.expert_shards.channel import ShardServer, TcpTransport
+from mixserve.expert_shards.dispatch import ShardRequest, ShardUnavailableError
+
+
+def request(rows: int, dim: int = 8, dtype: torch.dtype = torch.float32, seed: int = 0) -> ShardRequest:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, 4, (rows, 2), generator=gen)
+    return ShardRequest(torch.randn(rows, dim, generator=gen).to(dtype), ids, torch.rand(rows, 2, generator=gen).to(dtype))
+
+
+def scaled(layer, x, expert_ids, weights):
+    """A stand-in for the experts whose answer depends on every input frame."""
+    return x * (layer + 1) + (expert_ids.sum(dim=1, keepdim=True) + weights.sum(dim=1, keepdim=True)).to(x.dtype)
+
+
+def answer(transport: TcpTransport, req: ShardRequest, layer: int = 0) -> torch.Tensor:
+    """Shard 0's output for one request."""
+    return transport.collect(transport.submit(layer, {0: req}))[0].output
+
+
+@contextmanager
+def channel_to(compute, **options):
+    """A transport to one in-process shard server running `compute`."""
+    srv = ShardServer(compute)
+    transport = TcpTransport({0: srv.address}, **options)
+    try:
+        yield transport
+    finally:
+        transport.close()
+        srv.close()
+
+
+@pytest.fixture
+def server():
+    srv = ShardServer(scaled)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_shard_answers_with_its_own_result(server, dtype):
+    other = ShardServer(lambda layer, x, ids, w: -x)
+    transport = TcpTransport({0: server.address, 1: other.address})
+    try:
+        reqs = {0: request(5, dtype=dtype, seed=1), 1: request(3, dtype=dtype, seed=2)}
+        replies = transport.collect(transport.submit(2, reqs))
+        assert torch.equal(replies[0].output, scaled(2, reqs[0].x, reqs[0].expert_ids, reqs[0].weights))
+        assert torch.equal(replies[1].output, -reqs[1].x)
+        assert replies[0].output.dtype == dtype and replies[0].compute_s >= 0
+    finally:
+        transport.close()
+        other.close()
+
+
+def test_two_big_layers_in_flight_do_not_deadlock(server):
+    """Ping-pong sends a second micro-batch before reading the first answer: with 16 MB each way
+    neither side's socket buffers can hold that, so the shard must keep reading while its reply
+    waits for the replica."""
+    transport = TcpTransport({0: server.address}, timeout_s=20)
+    try:
+        first, second = request(4096, dim=1024, seed=3), request(4096, dim=1024, seed=4)
+        pending = [transport.submit(0, {0: first}), transport.submit(1, {0: second})]
+        assert torch.equal(transport.collect(pending[0])[0].output, scaled(0, first.x, first.expert_ids, first.weights))
+        assert torch.equal(transport.collect(pending[1])[0].output, scaled(1, second.x, second.expert_ids, second.weights))
+    finally:
+        transport.close()
+
+
+def test_a_failing_compute_is_a_clear_error_and_the_channel_stays_usable():
+    def picky(layer, x, ids, w):
+        if layer == 7:
+            raise ValueError("no layer 7")
+        return x
+
+    with channel_to(picky) as transport:
+        with pytest.raises(ShardUnavailableError, match="expert shard 0 failed: ValueError: no layer 7"):
+            transport.collect(transport.submit(7, {0: request(2)}))
+        req = request(2, seed=5)
+        assert torch.equal(answer(transport, req), req.x)
+
+
+def test_a_silent_shard_times_out_and_its_late_answer_is_never_taken_for_a_new_one():
+    slow = threading.Event()
+
+    def compute(layer, x, ids, w):
+        if slow.is_set():
+            time.sleep(1.0)
+        return x
+
+    with channel_to(compute, timeout_s=0.3) as transport:
+        slow.set()
+        with pytest.raises(ShardUnavailableError, match="did not answer within"):
+            transport.collect(transport.submit(0, {0: request(2, seed=6)}))
+        slow.clear()
+        transport.timeout_s = 5
+        fresh = request(2, seed=7)
+        assert torch.equal(answer(transport, fresh), fresh.x)
+
+
+def test_a_shard_that_dies_mid_layer_fails_the_wait_at_once():
+    """A peer that accepts and then closes (a killed shard's kernel closes its sockets) must
+    fail collect well before the dispatch timeout."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept_then_die():
+        conn, _ = listener.accept()
+        conn.recv(64)
+        conn.close()
+
+    threading.Thread(target=accept_then_die, daemon=True).start()
+    transport = TcpTransport({0: f"127.0.0.1:{port}"}, timeout_s=30)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ShardUnavailableError, match="expert shard 0"):
+            transport.collect(transport.submit(0, {0: request(2)}))
+        assert time.monotonic() - started < 5
+    finally:
+        transport.close()
+        listener.close()
+
+
+def test_nonsense_on_one_connection_does_not_disturb_the_others(server):
+    transport = TcpTransport({0: server.address})
+    host, port = server.address.rsplit(":", 1)
+    rogue = socket.create_connection((host, int(port)))
+    try:
+        rogue.sendall(b"\xff\xff\xff\x7fGET / HTTP/1.1\r\n\r\n")
+        try:
+            hung_up = rogue.recv(16) == b""
+        except ConnectionResetError:  # closed with our bytes unread
+            hung_up = True
+        assert hung_up
+        req = request(3, seed=8)
+        assert torch.equal(answer(transport, req, layer=1), scaled(1, req.x, req.expert_ids, req.weights))
+    finally:
+        rogue.close()
+        transport.close()
+
+
+def test_a_restarted_shard_is_reached_at_its_new_address():
+    first, second = ShardServer(lambda l, x, i, w: x), ShardServer(lambda l, x, i, w: 2 * x)
+    transport = TcpTransport({0: first.address})
+    try:
+        req = request(2, seed=9)
+        assert torch.equal(answer(transport, req), req.x)
+        first.close()
+        transport.set_addresses({0: second.address})
+        assert torch.equal(answer(transport, req), 2 * req.x)
+    finally:
+        transport.close()
+        second.close()
+
+
+def test_no_channel_to_an_unknown_shard(server):
+    transport = TcpTransport({0: server.address})
+    try:
+        with pytest.raises(ShardUnavailableError, match="no channel to expert shard 3"):
+            transport.submit(0, {3: request(1)})
+    finally:
+        transport.close()
