@@ -28,10 +28,11 @@ class ExpertShardActor:
     """The Ray-facing face of an ExpertShard. Ray manages its life and control calls; token
     groups arrive on its TCP channel (channel.py), or as numpy through `compute`."""
 
-    def __init__(self, shard_id: int, checkpoint: str | WeightsSource, experts: list[int], dtype: str, num_threads: int | None):
+    def __init__(self, shard_id: int, checkpoint: str | WeightsSource, experts: list[int], dtype: str, num_threads: int | None,
+                 moe_kernel: str = "torch"):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self._shard = ExpertShard(shard_id, checkpoint, experts, dtype)
+        self._shard = ExpertShard(shard_id, checkpoint, experts, dtype, moe_kernel)
         # add_expert publishes a new expert only after its weights are in place, so the
         # channel's thread may compute while Ray's thread loads.
         self._server = ShardServer(self._shard.compute, host=ray.util.get_node_ip_address())
@@ -101,7 +102,7 @@ class ShardGroup:
             num_cpus=args["cpus_per_shard"],
             num_gpus=args["gpus_per_shard"],
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=shard_id),
-        ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"])
+        ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"], args["moe_kernel"])
 
     def shutdown(self) -> None:
         for actor in self.actors.values():
@@ -116,6 +117,7 @@ def start_shard_group(
     cpus_per_shard: float = 1.0,
     gpus_per_shard: float = 0.0,
     num_threads: int | None = None,
+    moe_kernel: str = "torch",
     ready_timeout_s: float = 300.0,
 ) -> ShardGroup:
     """Reserves one bundle per shard in a placement group (gang scheduling: all shards fit or
@@ -131,7 +133,7 @@ def start_shard_group(
         ) from None
     group = ShardGroup(placement, {}, pg, dict(
         checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
-        gpus_per_shard=gpus_per_shard, num_threads=num_threads,
+        gpus_per_shard=gpus_per_shard, num_threads=num_threads, moe_kernel=moe_kernel,
     ))
     try:
         for sid in range(placement.n_shards):

@@ -56,7 +56,40 @@ MAX_HEADER_BYTES = 1 << 16
 # the peer is gone (a shard's serving thread must never wait on one replica for long).
 MESSAGE_TIMEOUT_S = 10.0
 POLL_SLICE_S = 0.2  # how often the shard's serving thread looks at its stop flag
+# Kernel buffers big enough for a whole decode layer's message: with Linux's defaults (16 KB
+# send, 128 KB receive, about half of it window) a [32, 1024] float32 request (128 KB) stalls the
+# replica's send until the shard wakes up and reads. Linux caps the value at net.core.*mem_max.
+SOCKET_BUFFER_BYTES = 4 << 20
 ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, x, expert_ids, weights)
+
+
+def _tuned_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Set before connect/listen: the TCP window scale is agreed in the handshake.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _listen(host: str) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = _tuned_socket(family)
+    sock.bind(address)
+    sock.listen()
+    return sock
+
+
+def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = _tuned_socket(family)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ProtocolError(ConnectionError):
@@ -151,7 +184,7 @@ class ShardServer:
 
     def __init__(self, compute: ComputeFn, host: str = "127.0.0.1"):
         self._compute = compute
-        self._listener = socket.create_server((host, 0))
+        self._listener = _listen(host)
         self._listener.setblocking(False)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._selector = selectors.DefaultSelector()
@@ -190,10 +223,10 @@ class ShardServer:
             sock, _ = self._listener.accept()
         except BlockingIOError:
             return
-        # Non-blocking: replies go out with MSG_DONTWAIT semantics (a socket with a timeout would
-        # wait for room first), and reads wait in _read_into.
+        # Non-blocking: a reply goes out as far as the kernel takes it (a socket with a timeout
+        # would wait for room first), and reads wait in _read_into. (Buffers and NODELAY come
+        # from the listener.)
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._selector.register(sock, selectors.EVENT_READ, _Connection(sock))
 
     def _drop(self, conn: _Connection) -> None:
@@ -365,11 +398,10 @@ class TcpTransport:
         if address is None:
             raise ShardUnavailableError(f"no channel to expert shard {shard}")
         try:
-            sock = socket.create_connection(_split_address(address), timeout=self.connect_timeout_s)
+            sock = _connect(*_split_address(address), self.connect_timeout_s)
         except OSError as exc:
             raise ShardUnavailableError(f"expert shard {shard} at {address} is not reachable: {exc}") from None
         sock.settimeout(MESSAGE_TIMEOUT_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socks[shard] = sock
         return sock
 
