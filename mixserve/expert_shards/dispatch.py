@@ -137,7 +137,7 @@ class ShardClient:
 
     def route(self, placement: Placement, expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The shard that computes each slot of expert_ids [T, K] (a [T, K] tensor), and the
-        shards that got any, in order. Counts the load (per expert, per shard) as it goes."""
+        shards that got any, most slots first. Counts the load (per expert, per shard) as it goes."""
         flat = expert_ids.reshape(-1)  # [T*K]
         counts = torch.bincount(flat, minlength=placement.num_experts).tolist()
         for expert, n in enumerate(counts):
@@ -160,7 +160,8 @@ class ShardClient:
                     start += rows
         for shard, n in enumerate(per_shard):
             self.tokens_sent[shard] += n
-        return shard_of, [s for s, n in enumerate(per_shard) if n]
+        # Busiest shard first: it finishes last, so it should start first.
+        return shard_of, sorted((s for s, n in enumerate(per_shard) if n), key=lambda s: -per_shard[s])
 
 
 class RemoteExperts(nn.Module):
