@@ -91,8 +91,10 @@ class TcpEcho:
         return self.server.address
 
 
-def measure_tcp(rows: int, dim: int, iters: int) -> dict[str, float]:
-    """mixserve's channel: the request carries x, expert ids and weights; the reply x."""
+def measure_tcp(rows: int, dim: int, iters: int, gap_s: float = 0.0) -> dict[str, float]:
+    """mixserve's channel: the request carries x, expert ids and weights; the reply x. With
+    gap_s, the sender idles that long before each round trip, as a replica does between layers
+    (on a VM an idle core takes much longer to wake than a busy one)."""
     import ray
     import torch
 
@@ -105,11 +107,15 @@ def measure_tcp(rows: int, dim: int, iters: int) -> dict[str, float]:
                 for i in range(N_SHARDS)}
     samples = []
     for i in range(iters + 20):
+        if gap_s:
+            time.sleep(gap_s)
         start = time.perf_counter()
         transport.collect(transport.submit(0, requests))
         if i >= 20:
             samples.append(time.perf_counter() - start)
     transport.close()
+    for a in actors:
+        ray.kill(a)
     return summarize(samples)
 
 
