@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import select
 import selectors
 import socket
@@ -198,6 +199,13 @@ class ShardServer:
         self._thread.join(timeout=2)
 
     def _serve(self) -> None:
+        if hasattr(os, "SCHED_BATCH"):
+            # Linux: a batch thread does not preempt the running thread when a request wakes it.
+            # When a shard shares cores with a replica (one node, or a small box), the replica's
+            # send to its first shard otherwise lets that shard take the replica's core, and the
+            # send to the next shard waits behind it: on the 2-core CI machine, small-mixtral
+            # c=32 decode, a layer's submit to 2 shards had p90 1.9-2.3 ms, 0.4-0.7 with this.
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         try:
             while not self._stop.is_set():
                 for key, events in self._selector.select(POLL_SLICE_S):
