@@ -146,6 +146,10 @@ class ShardClient:
             self._first_holders = (placement, torch.tensor([h[0] for h in placement.holders], dtype=torch.long))
         shard_of = self._first_holders[1][expert_ids]  # right for every expert with a single holder
         per_shard = [0] * placement.n_shards
+        if all(len(h) == 1 for h in placement.holders):  # no copies: nothing to split or balance
+            for expert, n in enumerate(counts):
+                per_shard[placement.holders[expert][0]] += n
+            return shard_of, self._count_shards(per_shard)
         split: dict[int, list[tuple[int, int]]] = {}
         for expert, shard, rows in self.assign(placement, counts):
             per_shard[shard] += rows
@@ -158,10 +162,14 @@ class ShardClient:
                 for shard, rows in shares:
                     flat_shard[slots[start:start + rows]] = shard
                     start += rows
+        return shard_of, self._count_shards(per_shard)
+
+    def _count_shards(self, per_shard: list[int]) -> list[int]:
+        """Adds a layer call's slots per shard to the load; the shards that got any, busiest
+        first (it finishes last, so it should start first)."""
         for shard, n in enumerate(per_shard):
             self.tokens_sent[shard] += n
-        # Busiest shard first: it finishes last, so it should start first.
-        return shard_of, sorted((s for s, n in enumerate(per_shard) if n), key=lambda s: -per_shard[s])
+        return sorted((s for s, n in enumerate(per_shard) if n), key=lambda s: -per_shard[s])
 
 
 class RemoteExperts(nn.Module):
