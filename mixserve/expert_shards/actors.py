@@ -38,6 +38,9 @@ class ExpertShardActor:
         self._server = ShardServer(self._shard.compute, host=ray.util.get_node_ip_address())
 
     def info(self) -> ShardInfo:
+        """The shard's experts and channel address; also its health check (the router's)."""
+        if not self._server.serving:
+            raise RuntimeError(f"expert shard {self._shard.shard_id}: its data channel stopped")
         return replace(self._shard.info(), address=self._server.address)
 
     def add_expert(self, expert: int) -> ShardInfo:

@@ -43,6 +43,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +54,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PREFIX = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 16
+MAX_FRAME_BYTES = 1 << 30  # far above any real layer's rows ([8192 tokens, 4096] float32 is 128 MB)
+MAX_K = 64  # experts per token
+# A shard stops reading a replica's requests while this much of its replies waits unread (a
+# replica has at most a couple of layers in flight; one that never reads must not grow it).
+MAX_OUTBOX_BYTES = 256 << 20
+IOV_BATCH = 512  # buffers per sendmsg (Linux refuses more than IOV_MAX = 1024)
+STALE_IDS = 4096  # replies this many requests old are forgotten (a step has ~2 x layers in flight)
 # Once a message has begun, the rest follows at once from a live peer: a stall this long means
 # the peer is gone (a shard's serving thread must never wait on one replica for long).
 MESSAGE_TIMEOUT_S = 10.0
@@ -102,17 +110,18 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-def _read_into(sock: socket.socket, buf: memoryview) -> None:
-    """Fills buf from the socket; on a non-blocking socket (the shard's) waits for the rest of a
-    message that has begun, up to MESSAGE_TIMEOUT_S."""
+def _read_into(sock: socket.socket, buf: memoryview, deadline: float | None = None) -> None:
+    """Fills buf from the socket. On a non-blocking socket (the shard's) it waits for the rest
+    of a message that has begun, until `deadline` (time.monotonic())."""
     got = 0
     while got < len(buf):
         try:
             n = sock.recv_into(buf[got:])
         except BlockingIOError:
+            remaining = (deadline if deadline is not None else time.monotonic() + MESSAGE_TIMEOUT_S) - time.monotonic()
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            if not poller.poll(MESSAGE_TIMEOUT_S * 1000):
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 raise TimeoutError("a message stalled half-way") from None
             continue
         if n == 0:
@@ -120,27 +129,34 @@ def _read_into(sock: socket.socket, buf: memoryview) -> None:
         got += n
 
 
-def _read_header(sock: socket.socket) -> dict:
+def _read_header(sock: socket.socket, deadline: float | None = None) -> dict:
     prefix = bytearray(PREFIX.size)
-    _read_into(sock, memoryview(prefix))
+    _read_into(sock, memoryview(prefix), deadline)
     (size,) = PREFIX.unpack(prefix)
     if size > MAX_HEADER_BYTES:
         raise ProtocolError(f"a {size}-byte header is not this protocol's")
     raw = bytearray(size)
-    _read_into(sock, memoryview(raw))
+    _read_into(sock, memoryview(raw), deadline)
     try:
-        return json.loads(raw)
-    except ValueError as exc:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError("unreadable header") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("the header is not a JSON object")
+    return header
 
 
-def _read_tensor(sock: socket.socket, header: dict, index: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """Reads frame `index` of a message straight into a new tensor of the expected shape."""
-    out = torch.empty(rows, cols, dtype=dtype)
-    frames = header.get("frames", [])
-    if index >= len(frames) or frames[index] != out.numel() * out.element_size():
+def _read_tensor(sock: socket.socket, header: dict, index: int, rows: int, cols: int, dtype: torch.dtype,
+                 deadline: float | None = None) -> torch.Tensor:
+    """Reads frame `index` of a message straight into a new tensor of the expected shape,
+    after checking the sizes (nothing is allocated for a size the header cannot back)."""
+    nbytes = rows * cols * torch.empty(0, dtype=dtype).element_size()
+    frames = header.get("frames")
+    if (rows < 0 or cols < 0 or nbytes > MAX_FRAME_BYTES or not isinstance(frames, list) or index >= len(frames)
+            or frames[index] != nbytes):
         raise ProtocolError(f"frame {index} does not hold a [{rows}, {cols}] {dtype} tensor")
-    _read_into(sock, _as_bytes(out))
+    out = torch.empty(rows, cols, dtype=dtype)
+    _read_into(sock, _as_bytes(out), deadline)
     return out
 
 
@@ -157,7 +173,7 @@ def _send_all(sock: socket.socket, buffers: list[memoryview]) -> list[memoryview
     buffers = [b for b in buffers if len(b)]
     while buffers:
         try:
-            sent = sock.sendmsg(buffers)
+            sent = sock.sendmsg(buffers[:IOV_BATCH])
         except BlockingIOError:
             return buffers
         while buffers and sent >= len(buffers[0]):
@@ -174,6 +190,14 @@ class _Connection:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.outbox: list[memoryview] = []  # reply bytes the kernel could not take yet
+
+    def events(self) -> int:
+        """What to wait for: replies to flush, and requests unless too much waits unread."""
+        if not self.outbox:
+            return selectors.EVENT_READ
+        if sum(len(b) for b in self.outbox) > MAX_OUTBOX_BYTES:
+            return selectors.EVENT_WRITE
+        return selectors.EVENT_READ | selectors.EVENT_WRITE
 
 
 class ShardServer:
@@ -194,18 +218,31 @@ class ShardServer:
         self._thread = threading.Thread(target=self._serve, name="shard-server", daemon=True)
         self._thread.start()
 
+    @property
+    def serving(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
 
     def _serve(self) -> None:
+        try:
+            self._run()
+        except Exception:  # noqa: BLE001 - reported through `serving`, which the shard's health check reads
+            log.exception("the shard's data channel stopped")
+
+    def _run(self) -> None:
         if hasattr(os, "SCHED_BATCH"):
             # Linux: a batch thread does not preempt the running thread when a request wakes it.
             # When a shard shares cores with a replica (one node, or a small box), the replica's
             # send to its first shard otherwise lets that shard take the replica's core, and the
             # send to the next shard waits behind it: on the 2-core CI machine, small-mixtral
             # c=32 decode, a layer's submit to 2 shards had p90 1.9-2.3 ms, 0.4-0.7 with this.
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            try:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            except OSError:
+                log.info("could not make the shard's serving thread a batch thread", exc_info=True)
         try:
             while not self._stop.is_set():
                 for key, events in self._selector.select(POLL_SLICE_S):
@@ -216,10 +253,10 @@ class ShardServer:
                     try:
                         if events & selectors.EVENT_WRITE:
                             self._flush(conn)
-                        if events & selectors.EVENT_READ:
+                        if events & selectors.EVENT_READ and conn.events() & selectors.EVENT_READ:
                             self._answer(conn)
-                    except (OSError, ConnectionError) as exc:  # the replica went away or spoke nonsense
-                        log.info("closing a replica's channel: %s", exc)
+                    except Exception as exc:  # noqa: BLE001 - that replica went away or spoke nonsense: only it is dropped
+                        log.info("closing a replica's channel: %r", exc)
                         self._drop(conn)
         finally:
             for key in list(self._selector.get_map().values()):
@@ -229,7 +266,9 @@ class ShardServer:
     def _accept(self) -> None:
         try:
             sock, _ = self._listener.accept()
-        except BlockingIOError:
+        except OSError as exc:  # nothing waiting, or out of descriptors: the listener stays
+            if not isinstance(exc, BlockingIOError):
+                log.warning("could not accept a replica's channel: %s", exc)
             return
         # Non-blocking: a reply goes out as far as the kernel takes it (a socket with a timeout
         # would wait for room first), and reads wait in _read_into. (Buffers and NODELAY come
@@ -242,14 +281,19 @@ class ShardServer:
         conn.sock.close()
 
     def _answer(self, conn: _Connection) -> None:
-        header = _read_header(conn.sock)
+        # The whole message within MESSAGE_TIMEOUT_S: a peer that trickles bytes cannot hold
+        # the one serving thread for longer.
+        deadline = time.monotonic() + MESSAGE_TIMEOUT_S
+        header = _read_header(conn.sock, deadline)
         try:
-            rows, k, dtype = int(header["rows"]), int(header["k"]), DTYPES[header["dtype"]]
-            x = _read_tensor(conn.sock, header, 0, rows, int(header["dim"]), dtype)
-            expert_ids = _read_tensor(conn.sock, header, 1, rows, k, torch.long)
-            weights = _read_tensor(conn.sock, header, 2, rows, k, dtype)
-        except (KeyError, TypeError, ValueError) as exc:
+            rows, k, dim, dtype = int(header["rows"]), int(header["k"]), int(header["dim"]), DTYPES[header["dtype"]]
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"bad request header: {exc!r}") from exc
+        if not 1 <= k <= MAX_K:
+            raise ProtocolError(f"bad request header: k={k}")
+        x = _read_tensor(conn.sock, header, 0, rows, dim, dtype, deadline)
+        expert_ids = _read_tensor(conn.sock, header, 1, rows, k, torch.long, deadline)
+        weights = _read_tensor(conn.sock, header, 2, rows, k, dtype, deadline)
         received_at = time.time()
         try:
             start = time.perf_counter()
@@ -265,22 +309,31 @@ class ShardServer:
         self._queue(conn, message)
 
     def _queue(self, conn: _Connection, message: list[memoryview]) -> None:
+        before = conn.events()
         if conn.outbox:
             conn.outbox.extend(message)
         else:
             conn.outbox = _send_all(conn.sock, message)
-        if conn.outbox:
-            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        if conn.events() != before:
+            self._selector.modify(conn.sock, conn.events(), conn)
 
     def _flush(self, conn: _Connection) -> None:
+        before = conn.events()
         conn.outbox = _send_all(conn.sock, conn.outbox)
-        if not conn.outbox:
-            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.events() != before:
+            self._selector.modify(conn.sock, conn.events(), conn)
 
 
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.removeprefix("tcp://").rpartition(":")
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    id: int
+    connection: int  # the generation of the shard's connection it went out on
+    rows: int  # what the answer must hold
 
 
 class TcpTransport:
@@ -298,6 +351,8 @@ class TcpTransport:
         self._ids = itertools.count()
         self._addresses: dict[int, str] = {}
         self._socks: dict[int, socket.socket] = {}
+        self._generation: dict[int, int] = {}  # shard -> which connection (a request in flight needs its own)
+        self._connections = itertools.count(1)
         self._stash: dict[int, ShardReply | str] = {}  # replies read while waiting for others
         self._abandoned: set[int] = set()  # ids of requests whose step failed: dropped on arrival
         self._wanted: dict[int, str] | None = None
@@ -318,57 +373,77 @@ class TcpTransport:
             self._disconnect(shard)
 
     # ---- the Transport interface -------------------------------------------------------------
-    def submit(self, layer: int, requests: dict[int, ShardRequest]) -> dict[int, int]:
-        """Sends each shard its request; returns {shard: request id} to collect later."""
+    def submit(self, layer: int, requests: dict[int, ShardRequest]) -> dict[int, _Sent]:
+        """Sends each shard its request; returns what `collect` needs to wait for the answers."""
         with self._lock:
             wanted, self._wanted = self._wanted, None
         if wanted is not None:
             self._apply_addresses(wanted)
-        pending = {}
-        for shard, req in requests.items():
-            sock = self._connection(shard)
-            x = req.x.contiguous()
-            header = {
-                "id": next(self._ids), "layer": layer, "rows": x.shape[0], "dim": x.shape[1],
-                "k": req.expert_ids.shape[1], "dtype": DTYPE_NAMES[x.dtype], "sent_at": time.time(),
-            }
-            frames = [_as_bytes(x), _as_bytes(req.expert_ids.to(torch.long)), _as_bytes(req.weights.to(x.dtype))]
-            try:
-                _send_all(sock, _message(header, frames))
-            except OSError as exc:
-                self._disconnect(shard)
-                self._abandon(pending)
-                raise ShardUnavailableError(f"expert shard {shard} is unreachable: {exc}") from None
-            pending[shard] = header["id"]
+        pending: dict[int, _Sent] = {}
+        try:
+            for shard, req in requests.items():
+                sock = self._connection(shard)
+                x = req.x.contiguous()
+                header = {
+                    "id": next(self._ids), "layer": layer, "rows": x.shape[0], "dim": x.shape[1],
+                    "k": req.expert_ids.shape[1], "dtype": DTYPE_NAMES[x.dtype], "sent_at": time.time(),
+                }
+                frames = [_as_bytes(x), _as_bytes(req.expert_ids.to(torch.long)), _as_bytes(req.weights.to(x.dtype))]
+                try:
+                    _send_all(sock, _message(header, frames))
+                except OSError as exc:
+                    self._disconnect(shard)
+                    raise ShardUnavailableError(f"expert shard {shard} is unreachable: {exc}") from None
+                pending[shard] = _Sent(header["id"], self._generation[shard], x.shape[0])
+        except ShardUnavailableError:
+            self._abandon(pending, {})  # what already went out to other shards
+            raise
+        self._forget_stale()
         return pending
 
-    def collect(self, pending: dict[int, int]) -> dict[int, ShardReply]:
+    def collect(self, pending: dict[int, _Sent]) -> dict[int, ShardReply]:
         deadline = time.monotonic() + self.timeout_s
         results: dict[int, ShardReply] = {}
         try:
             while True:
-                for shard, req_id in pending.items():
-                    if shard not in results and req_id in self._stash:
-                        reply = self._stash.pop(req_id)
+                for shard, sent in pending.items():
+                    if shard not in results and sent.id in self._stash:
+                        reply = self._stash.pop(sent.id)
                         if isinstance(reply, str):
                             raise ShardUnavailableError(f"expert shard {shard} failed: {reply}")
+                        if reply.output.shape[0] != sent.rows:
+                            raise ShardUnavailableError(f"expert shard {shard} answered {reply.output.shape[0]} rows "
+                                                        f"for {sent.rows}")
                         results[shard] = reply
                 missing = [s for s in pending if s not in results]
                 if not missing:
                     return results
+                for shard in missing:  # its connection was reset since: that answer cannot come
+                    if self._generation.get(shard) != pending[shard].connection:
+                        raise ShardUnavailableError(f"expert shard {shard}: connection reset with a request in flight")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ShardUnavailableError(f"expert shards {missing} did not answer within {self.timeout_s:.0f}s")
                 self._wait_once(missing, remaining)
         except ShardUnavailableError:
-            self._abandon(pending)
+            self._abandon(pending, results)
             raise
 
     # ---- internals ---------------------------------------------------------------------------
-    def _abandon(self, pending: dict[int, int]) -> None:
-        for req_id in pending.values():
-            if self._stash.pop(req_id, None) is None:
-                self._abandoned.add(req_id)
+    def _abandon(self, pending: dict[int, _Sent], results: dict[int, ShardReply]) -> None:
+        """Forgets the answers still due for a failed call; late ones are dropped on arrival."""
+        for shard, sent in pending.items():
+            if shard in results or self._stash.pop(sent.id, None) is not None:
+                continue
+            if self._generation.get(shard) == sent.connection:  # it may still arrive
+                self._abandoned.add(sent.id)
+
+    def _forget_stale(self) -> None:
+        """Bounds what failed steps leave behind (answers never collected, ids never answered)."""
+        if len(self._stash) + len(self._abandoned) > 64:
+            oldest_kept = next(self._ids) - STALE_IDS
+            self._stash = {i: r for i, r in self._stash.items() if i >= oldest_kept}
+            self._abandoned = {i for i in self._abandoned if i >= oldest_kept}
 
     def _wait_once(self, shards: list[int], timeout_s: float) -> None:
         with selectors.DefaultSelector() as selector:
@@ -390,9 +465,9 @@ class TcpTransport:
             else:
                 out = _read_tensor(sock, header, 0, int(header["rows"]), int(header["dim"]), DTYPES[header["dtype"]])
                 reply = ShardReply(out, header["compute_s"], header["to_shard_s"], time.time() - header["replied_at"])
-        except (OSError, ConnectionError, KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - gone, stalled or garbled: this connection is done either way
             self._disconnect(shard)
-            raise ShardUnavailableError(f"expert shard {shard} went away: {exc}") from None
+            raise ShardUnavailableError(f"expert shard {shard} went away: {exc!r}") from None
         if req_id in self._abandoned:
             self._abandoned.discard(req_id)
         else:
@@ -411,6 +486,7 @@ class TcpTransport:
             raise ShardUnavailableError(f"expert shard {shard} at {address} is not reachable: {exc}") from None
         sock.settimeout(MESSAGE_TIMEOUT_S)
         self._socks[shard] = sock
+        self._generation[shard] = next(self._connections)
         return sock
 
     def _disconnect(self, shard: int) -> None:

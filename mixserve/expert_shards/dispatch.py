@@ -142,8 +142,9 @@ class ShardClient:
         counts = torch.bincount(flat, minlength=placement.num_experts).tolist()
         for expert, n in enumerate(counts):
             self.expert_tokens[expert] += n
-        if self._first_holders[0] is not placement:
-            self._first_holders = (placement, torch.tensor([h[0] for h in placement.holders], dtype=torch.long))
+        if self._first_holders[0] is not placement or self._first_holders[1].device != expert_ids.device:
+            first = torch.tensor([h[0] for h in placement.holders], dtype=torch.long, device=expert_ids.device)
+            self._first_holders = (placement, first)
         shard_of = self._first_holders[1][expert_ids]  # right for every expert with a single holder
         per_shard = [0] * placement.n_shards
         if all(len(h) == 1 for h in placement.holders):  # no copies: nothing to split or balance

@@ -260,6 +260,7 @@ class ExpertRouter:
         if not dead:
             return []
         for sid in dead:
+            ray.kill(self._group.actors[sid], no_restart=True)  # a sick one still holds its bundle
             actor = self._group.start_actor(sid, self._placement.experts_of(sid))
             info = ray.get(actor.info.remote(), timeout=300)
             self._group.actors[sid] = actor
@@ -276,8 +277,8 @@ class ExpertRouter:
             try:
                 ray.get(actor.info.remote(), timeout=5)
                 alive[sid] = True
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                alive[sid] = False
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError):
+                alive[sid] = False  # dead, sick (its data channel stopped) or unresponsive
         return alive
 
     def shutdown(self) -> None:

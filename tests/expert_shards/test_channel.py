@@ -150,6 +150,40 @@ def test_nonsense_on_one_connection_does_not_disturb_the_others(server):
         transport.close()
 
 
+@pytest.mark.parametrize("header", [
+    '{"id": 1, "layer": 0, "rows": -1, "dim": 8, "k": 2, "dtype": "float32", "frames": [0, 0, 0]}',
+    '{"id": 2, "layer": 0, "rows": 1099511627776, "dim": 1048576, "k": 2, "dtype": "float32", "frames": [4611686018427387904, 0, 0]}',
+    '{"id": 3, "layer": 0, "rows": 1, "dim": 8, "k": 0, "dtype": "float32", "frames": [32, 0, 0]}',
+    '{"id": 4, "layer": 0, "rows": Infinity, "dim": 8, "k": 2, "dtype": "float64", "frames": []}',
+    "[" * 30000 + "]" * 30000,
+], ids=["negative-rows", "huge-frames", "zero-k", "infinity", "deep-nesting"])
+def test_a_hostile_header_costs_only_its_own_connection(server, header):
+    """Sizes no frame can back, a zero k, infinities and deep nesting: the shard hangs up on
+    that peer, allocates nothing for it, and keeps serving everyone else."""
+    import struct
+
+    host, port = server.address.rsplit(":", 1)
+    rogue = socket.create_connection((host, int(port)))
+    try:
+        raw = header.encode()
+        rogue.sendall(struct.pack("<I", len(raw)) + raw)
+        rogue.settimeout(5)
+        try:
+            hung_up = rogue.recv(16) == b""
+        except ConnectionResetError:
+            hung_up = True
+        assert hung_up
+    finally:
+        rogue.close()
+    assert server.serving
+    transport = TcpTransport({0: server.address})
+    try:
+        req = request(2, seed=10)
+        assert torch.equal(answer(transport, req), scaled(0, req.x, req.expert_ids, req.weights))
+    finally:
+        transport.close()
+
+
 def test_a_restarted_shard_is_reached_at_its_new_address():
     first, second = ShardServer(lambda l, x, i, w: x), ShardServer(lambda l, x, i, w: 2 * x)
     transport = TcpTransport({0: first.address})
