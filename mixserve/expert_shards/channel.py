@@ -150,7 +150,7 @@ def _read_tensor(sock: socket.socket, header: dict, index: int, rows: int, cols:
                  deadline: float | None = None) -> torch.Tensor:
     """Reads frame `index` of a message straight into a new tensor of the expected shape,
     after checking the sizes (nothing is allocated for a size the header cannot back)."""
-    nbytes = rows * cols * torch.empty(0, dtype=dtype).element_size()
+    nbytes = rows * cols * dtype.itemsize
     frames = header.get("frames")
     if (rows < 0 or cols < 0 or nbytes > MAX_FRAME_BYTES or not isinstance(frames, list) or index >= len(frames)
             or frames[index] != nbytes):
