@@ -22,6 +22,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ def decode_tok_s(engine: LLMEngine, n: int, new_tokens: int, repeats: int, threa
     t_full = median_time(lambda: run_to_completion(engine, batch, new_tokens), repeats)
     t_one = median_time(lambda: run_to_completion(engine, batch, 1), repeats)
     return n * (new_tokens - 1) / (t_full - t_one)
+
+
+def interleaved_decode_tok_s(runs: list[tuple[LLMEngine, int | None]], n: int, new_tokens: int, repeats: int) -> list[float]:
+    """decode_tok_s for several engines (each with its torch threads), measured in alternating
+    rounds so that the VM's drift over minutes hits them alike; the median round of each."""
+    rates: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, (engine, threads) in enumerate(runs):
+            rates[i].append(decode_tok_s(engine, n, new_tokens, 1, threads))
+    return [statistics.median(r) for r in rates]
 
 
 def engine_config(max_seqs: int, micro_batches: int = 1) -> EngineConfig:
@@ -187,9 +198,9 @@ def main() -> None:
                 run_to_completion(engine, prompts(2, 16, 0), 4)
             rows = []
             for n in concurrency:
-                base = decode_tok_s(single, n, ns.new_tokens, ns.repeats)
-                off = decode_tok_s(topo.engines[1], n, ns.new_tokens, ns.repeats, topo.threads)
-                on = decode_tok_s(topo.engines[2], n, ns.new_tokens, ns.repeats, topo.threads)
+                base, off, on = interleaved_decode_tok_s(
+                    [(single, None), (topo.engines[1], topo.threads), (topo.engines[2], topo.threads)],
+                    n, ns.new_tokens, ns.repeats)
                 print(f"  {model_name} c={n}: single {base:.1f}, disaggregated {off:.1f}, ping-pong {on:.1f}", flush=True)
                 rows.append([f"decode c={n}", base, off, on, off / base, on / base])
             throughput = format_table(
@@ -248,7 +259,8 @@ def main() -> None:
             f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each; TCP channels), the attention engine in "
             f"the driver process ({ns.attention_threads} torch thread(s)); the single-process engine in the same process "
             f"({DEFAULT_THREADS} threads), same "
-            f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats}. "
+            f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "
+            "the three engines alternating within each round. "
             "'x single' > 1 means the topology is faster. The raw round trip is measured twice: back to back (the "
             "transport's best case) and after the idle gap the shards really see between layers: on this VM a core "
             "that idled a few ms takes far longer to wake, whatever carries the bytes.\n\n" + "\n\n".join(sections),
