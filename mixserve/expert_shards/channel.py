@@ -192,6 +192,7 @@ class _Connection:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.outbox: list[memoryview] = []  # reply bytes the kernel could not take yet
+        self.registered = selectors.EVENT_READ  # what the selector waits for on it now
 
     def events(self) -> int:
         """What to wait for: replies to flush, and requests unless too much waits unread."""
@@ -311,23 +312,19 @@ class ShardServer:
         self._queue(conn, message)
 
     def _queue(self, conn: _Connection, message: list[memoryview]) -> None:
-        before = conn.events()
-        if conn.outbox:
-            conn.outbox.extend(message)
-        else:
-            conn.outbox = _send_all(conn.sock, message)
-        if conn.events() != before:
-            self._selector.modify(conn.sock, conn.events(), conn)
+        conn.outbox.extend(message)
+        self._flush(conn)
 
     def _flush(self, conn: _Connection) -> None:
-        before = conn.events()
+        """Sends what the kernel takes now; waits for room (and pauses reading) as needed."""
         conn.outbox = _send_all(conn.sock, conn.outbox)
-        if conn.events() != before:
-            self._selector.modify(conn.sock, conn.events(), conn)
+        if conn.events() != conn.registered:
+            conn.registered = conn.events()
+            self._selector.modify(conn.sock, conn.registered, conn)
 
 
 def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
 
 

@@ -106,7 +106,8 @@ class ShardClient:
         self.transport = transport
         self.tokens_sent = [0] * placement.n_shards  # cumulative per shard, reported to the router
         self.expert_tokens = [0] * placement.num_experts  # cumulative per expert
-        self._first_holders: tuple[Placement | None, torch.Tensor] = (None, torch.empty(0))  # cached per placement
+        # Per placement (and device): each expert's first holder, and whether any expert has copies.
+        self._table: tuple[Placement | None, torch.Tensor, bool] = (None, torch.empty(0), False)
         self.stats = DispatchStats()
 
     def set_placement(self, placement: Placement) -> None:
@@ -142,12 +143,13 @@ class ShardClient:
         counts = torch.bincount(flat, minlength=placement.num_experts).tolist()
         for expert, n in enumerate(counts):
             self.expert_tokens[expert] += n
-        if self._first_holders[0] is not placement or self._first_holders[1].device != expert_ids.device:
+        if self._table[0] is not placement or self._table[1].device != expert_ids.device:
             first = torch.tensor([h[0] for h in placement.holders], dtype=torch.long, device=expert_ids.device)
-            self._first_holders = (placement, first)
-        shard_of = self._first_holders[1][expert_ids]  # right for every expert with a single holder
+            self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
+        _, first_holder, has_copies = self._table
+        shard_of = first_holder[expert_ids]  # right for every expert with a single holder
         per_shard = [0] * placement.n_shards
-        if all(len(h) == 1 for h in placement.holders):  # no copies: nothing to split or balance
+        if not has_copies:  # nothing to split or balance
             for expert, n in enumerate(counts):
                 per_shard[placement.holders[expert][0]] += n
             return shard_of, self._count_shards(per_shard)
@@ -198,10 +200,11 @@ class RemoteExperts(nn.Module):
         token_rows: dict[int, torch.Tensor] = {}
         for shard in shards:
             held = shard_of == shard  # [T, K]
+            elsewhere = ~held
             rows = held.any(dim=1).nonzero().squeeze(1)  # [T_s]
             token_rows[shard] = rows
-            requests[shard] = ShardRequest(x=x[rows], expert_ids=expert_ids.masked_fill(~held, -1)[rows],
-                                           weights=weights.masked_fill(~held, 0)[rows])
+            requests[shard] = ShardRequest(x=x[rows], expert_ids=expert_ids.masked_fill(elsewhere, -1)[rows],
+                                           weights=weights.masked_fill(elsewhere, 0)[rows])
 
         transport, stats = client.transport, client.stats
         routed = time.perf_counter()

@@ -74,7 +74,9 @@ class ExpertShard:
         model, self.weight_bytes = self._load(list(experts))
         self.shard_id = shard_id
         self.experts = tuple(experts)
-        self._to_local = torch.full((args.num_experts,), -1, dtype=torch.long)  # global id -> row here, -1 if not held
+        # Global id -> row here, -1 if not held. One extra entry, also -1, is what id -1 (a slot
+        # another shard computes) indexes, so one lookup maps every valid id.
+        self._to_local = torch.full((args.num_experts + 1,), -1, dtype=torch.long)
         self._to_local[list(experts)] = torch.arange(len(experts))
         self._layers = [block.feed_forward.experts for block in model.layers]
 
@@ -115,11 +117,11 @@ class ExpertShard:
         if x.dim() != 2 or x.shape[1] != self._args.dim or expert_ids.shape != weights.shape or expert_ids.shape[0] != x.shape[0]:
             raise ValueError(f"shard {self.shard_id}: bad shapes x {list(x.shape)}, expert_ids {list(expert_ids.shape)}, "
                              f"weights {list(weights.shape)} (model dim {self._args.dim})")
-        if expert_ids.numel() and (expert_ids.min() < -1 or expert_ids.max() >= n_experts):
+        if bool(((expert_ids < -1) | (expert_ids >= n_experts)).any()):
             raise ValueError(f"shard {self.shard_id}: expert ids must lie in -1..{n_experts - 1}")
-        asked = expert_ids >= 0
-        local = torch.where(asked, self._to_local[expert_ids.clamp(min=0)], -1)
-        if bool((asked & (local < 0)).any()):
-            missing = sorted(set(expert_ids[asked & (local < 0)].tolist()))
+        local = self._to_local[expert_ids]
+        not_here = (local < 0) & (expert_ids >= 0)
+        if bool(not_here.any()):
+            missing = sorted(set(expert_ids[not_here].tolist()))
             raise ValueError(f"shard {self.shard_id} does not hold experts {missing} (it holds {list(self.experts)})")
         return self._layers[layer].forward_held(x.to(self._dtype), local, weights.to(self._dtype))

@@ -121,13 +121,13 @@ class LocalExperts(nn.Module):
         """forward on an expert shard's share: x [T, D], expert_ids [T, K] with -1 for each slot
         held by another shard -> [T, D], per token the weighted sum over its slots here (zero
         for a token with none). The caller adds the shards' parts."""
+        if not self.fused:
+            return self.forward(x, expert_ids, weights)  # the grouped path skips -1 slots itself
         held = expert_ids >= 0
         weights = weights.masked_fill(~held, 0)
         n_active = int(torch.bincount(expert_ids.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].count_nonzero())
         if n_active == 0:
             return torch.zeros_like(x)
-        if not self.fused:
-            return self.forward(x, expert_ids, weights)  # the grouped path skips -1 slots itself
         if n_active == 1:
             # zentorch's fused kernel refuses a single active expert (it happens on a shard
             # when each token has one slot here): one plain SwiGLU, each row weighted by its slot.
