@@ -1,9 +1,13 @@
 """Turning a step's logits into tokens and log-probabilities, batched over sequences.
 
 Shape legend: B = sequences sampling this step, V = vocab.
-Random sampling uses the exponential race (argmax of p / q with q ~ Exp(1)), which draws
-exactly from p; each seeded request draws its q from its own generator, so its tokens do not
-depend on what else shares the batch.
+Random sampling inverts each row's cumulative distribution at one uniform draw: the token is
+the first whose cumulative probability exceeds u * total. Why not the exponential race (argmax
+of p / q, q ~ Exp(1), one draw per vocabulary entry): torch draws exponentials one element at a
+time on CPUs, 0.55 ms for a 32000-entry row on the 2-core EPYC CI machine, so 18 ms a step at
+32 sampled sequences; softmax + cumsum + searchsorted for all 32 rows take 0.8 ms. Each seeded
+request draws its u from its own generator, so its tokens do not depend on what else shares
+the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import torch
 
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import Logprobs
+
+# Most likely tokens looked at first for top_p (see _outside_nucleus).
+NUCLEUS_PREFIX = 256
 
 
 def sample(
@@ -22,11 +29,14 @@ def sample(
 ) -> list[int]:
     """logits [B, V] float32 -> one token id per row; row i uses params[i] and generators[i]
     (None = the engine's shared generator)."""
-    tokens = logits.argmax(dim=-1)  # greedy rows keep this
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        gens = [generators[i] or default_generator for i in rows]
-        tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows], gens)
+    if not rows:
+        return logits.argmax(dim=-1).tolist()
+    gens = [generators[i] or default_generator for i in rows]
+    if len(rows) == len(params):  # all sampled: no argmax pass, no gathered copy of the logits
+        return _sample_rows(logits, params, gens).tolist()
+    tokens = logits.argmax(dim=-1)  # greedy rows keep this
+    tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows], gens)
     return tokens.tolist()
 
 
@@ -43,20 +53,50 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
         threshold[top_k <= 0] = float("-inf")
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
-    if bool((top_p < 1).any()):
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p[:, None]
-        drop_sorted[:, 0] = False  # the most likely token always survives, whatever top_p rounds to
-        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    log_probs = scaled.log_softmax(dim=-1)
-    race = torch.empty_like(log_probs)
-    for i, generator in enumerate(generators):
-        race[i].exponential_(generator=generator)
-    # argmax p / q in the log domain; the clamp keeps a (vanishingly rare) q = 0 from giving inf - inf.
-    return (log_probs - race.clamp_min(1e-30).log()).argmax(dim=-1)
+    nucleus_rows = (top_p < 1).nonzero()[:, 0]
+    if len(nucleus_rows):
+        drop = _outside_nucleus(scaled[nucleus_rows], top_p[nucleus_rows])
+        scaled[nucleus_rows] = scaled[nucleus_rows].masked_fill(drop, float("-inf"))
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)  # [B, V]; a filtered token adds 0, so no draw lands on it
+    total = cdf[:, -1:]  # [B, 1]: 1 up to float32 rounding
+    uniform = torch.cat([torch.rand(1, generator=generator, dtype=torch.float64) for generator in generators])  # [B]
+    # Scaled by the row's own total and kept strictly below it, so the first entry whose cdf
+    # exceeds the target always exists and always has probability > 0.
+    targets = torch.minimum((uniform[:, None] * total.double()).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, targets, right=True)[:, 0]  # [B]
+    # A row whose scaled logits overflowed has no distribution left: its most likely token.
+    broken = ~torch.isfinite(total[:, 0])
+    if bool(broken.any()):
+        tokens[broken] = scaled[broken].argmax(dim=-1)
+    return tokens
+
+
+def _outside_nucleus(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scaled [N, V] logits, top_p [N] -> drop [N, V]: True for each token outside the smallest
+    set of most likely tokens whose mass reaches top_p (the most likely token always stays).
+
+    Why a prefix first: a full sort of 32000 logits costs about 1.3 ms a row here, while real
+    models put almost all their mass on a few hundred tokens; so the top NUCLEUS_PREFIX come from
+    topk (sorted the same way), and only rows whose nucleus reaches past them are sorted whole."""
+    probs = scaled.softmax(dim=-1)  # [N, V]
+    k = min(NUCLEUS_PREFIX, probs.shape[-1])
+    top_probs, top_ids = probs.topk(k, dim=-1)  # [N, k], most likely first
+    keep = _nucleus_of_sorted(top_probs, top_p)
+    drop = torch.ones_like(probs, dtype=torch.bool).scatter_(1, top_ids, ~keep)
+    unresolved = keep[:, -1].nonzero()[:, 0] if k < probs.shape[-1] else keep.new_empty(0, dtype=torch.long)
+    if len(unresolved):  # the nucleus may reach past the prefix: sort those rows whole
+        sorted_probs, order = probs[unresolved].sort(dim=-1, descending=True)
+        keep_all = _nucleus_of_sorted(sorted_probs, top_p[unresolved])
+        drop[unresolved] = torch.ones_like(keep_all).scatter_(1, order, ~keep_all)
+    return drop
+
+
+def _nucleus_of_sorted(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """sorted_probs [N, k] most likely first, top_p [N] -> keep [N, k]: a token stays while the
+    mass before it is still short of top_p; the most likely stays whatever top_p rounds to."""
+    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]
+    keep[:, 0] = True
+    return keep
 
 
 def token_logprobs(logits: torch.Tensor, chosen: list[int], top_n: list[int]) -> list[Logprobs]:

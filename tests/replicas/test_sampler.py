@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixserve.replicas import sampler
 from mixserve.replicas.sampler import sample, token_logprobs
 from mixserve.replicas.sampling_params import SamplingParams
 
@@ -42,6 +43,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.allclose(got[:2], probs[:2] / probs[:2].sum(), atol=0.03)
 
 
+@pytest.mark.parametrize("prefix", [1, 8, 256, 4000])
+def test_top_p_from_a_topk_prefix_equals_a_full_sort(monkeypatch, prefix):
+    # Rows whose nucleus fits the prefix are cut there; the others are sorted whole. Either way
+    # the kept set must be the one a full sort gives, for peaked and for flat rows.
+    monkeypatch.setattr(sampler, "NUCLEUS_PREFIX", prefix)
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.tensor([0.1, 1.0, 4.0, 12.0]).repeat_interleave(4)  # flat ... peaked
+    logits = torch.randn(16, 2000, generator=gen) * scales[:, None]
+    top_p = torch.tensor([0.1, 0.5, 0.9, 0.99]).repeat(4)
+    probs = logits.softmax(dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p[:, None]
+    keep[:, 0] = True
+    expected = torch.ones_like(keep).scatter_(1, order, ~keep)
+    assert torch.equal(sampler._outside_nucleus(logits, top_p), expected)
+
+
 def test_greedy_rows_and_sampled_rows_in_one_batch():
     n = 2000
     rows = torch.stack([LOGITS.flip(0), LOGITS] * n)  # even rows greedy, odd rows sampled
@@ -50,6 +68,18 @@ def test_greedy_rows_and_sampled_rows_in_one_batch():
     assert (tokens[0::2] == len(LOGITS) - 1).all()  # greedy rows: the argmax of the flipped logits
     freq = torch.bincount(tokens[1::2], minlength=len(LOGITS)).float() / n
     assert torch.allclose(freq, torch.softmax(LOGITS, dim=-1), atol=0.035)
+
+
+@pytest.mark.parametrize("draw", [0.0, 1.0 - 2.0**-53])
+@pytest.mark.parametrize("logits", [LOGITS, LOGITS.flip(0)])
+def test_draws_at_either_end_of_the_unit_interval_land_on_kept_tokens(monkeypatch, draw, logits):
+    # The sampler inverts the cumulative distribution at one uniform draw per row: the extreme
+    # draws must still land on a token top_k kept, never on a filtered one before or after it.
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor([draw], dtype=torch.float64))
+    kept = set(logits.topk(2).indices.tolist())
+    token = sample(logits[None], [SamplingParams(temperature=1.0, top_k=2)], [None], torch.Generator())[0]
+    assert token in kept
+    assert token == (min(kept) if draw == 0.0 else max(kept))
 
 
 @pytest.mark.parametrize(
