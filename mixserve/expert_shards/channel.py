@@ -74,6 +74,12 @@ SOCKET_BUFFER_BYTES = 4 << 20
 ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, x, expert_ids, weights)
 
 
+# A shard's TCP handshake completes in well under a millisecond on one node and a few across a
+# cluster; a node that vanished drops SYNs, and the engine's step thread waits out the whole
+# timeout. 3 s covers a SYN and its first resend (Linux resends after 1 s, then 2 s more) before the step fails.
+CONNECT_TIMEOUT_S = 3.0
+
+
 def _tuned_socket(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     # Set before connect/listen: the TCP window scale is agreed in the handshake.
@@ -344,7 +350,7 @@ class TcpTransport:
     becomes a ShardUnavailableError at once (its connection closes); one that falls silent,
     after `timeout_s`. A broken connection is reopened at the next submit."""
 
-    def __init__(self, addresses: dict[int, str], timeout_s: float = 30.0, connect_timeout_s: float = 30.0):
+    def __init__(self, addresses: dict[int, str], timeout_s: float = 30.0, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._ids = itertools.count()

@@ -205,3 +205,32 @@ def test_no_channel_to_an_unknown_shard(server):
             transport.submit(0, {3: request(1)})
     finally:
         transport.close()
+
+
+def test_a_shard_address_that_never_answers_the_handshake_fails_within_the_connect_timeout():
+    # A listener whose accept queue is full drops new SYNs, as a vanished node does: connect()
+    # would wait for the kernel's retries (minutes) without a timeout of its own.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = "%s:%d" % listener.getsockname()
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue (never accepted)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        time.sleep(0.2)
+        start = time.monotonic()
+        transport = TcpTransport({0: address}, connect_timeout_s=0.5)
+        try:
+            with pytest.raises(ShardUnavailableError, match="not reachable"):
+                transport.submit(0, {0: request(1)})
+        finally:
+            transport.close()
+        assert time.monotonic() - start < 3.0  # the constructor's try and the submit's, 0.5 s each
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

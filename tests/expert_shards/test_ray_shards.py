@@ -10,7 +10,8 @@ import torch
 from mixserve import LLM, SamplingParams
 from mixserve.expert_shards.actors import RayActorTransport, start_shard_group
 from mixserve.expert_shards.channel import TcpTransport
-from mixserve.expert_shards.dispatch import ShardClient, ShardUnavailableError, remote_feed_forward
+from mixserve.expert_shards.dispatch import ShardClient, ShardRequest, ShardUnavailableError, remote_feed_forward
+from mixserve.expert_shards.shard import ExpertShard
 from mixserve.expert_shards.placement import Placement
 from mixserve.model import load_model
 from mixserve.replicas.engine import LLMEngine
@@ -76,3 +77,26 @@ def test_a_killed_shard_fails_the_step_quickly_with_a_retryable_error(ray_cluste
     finally:
         group.shutdown()
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bfloat16_token_groups_cross_either_transport(ray_cluster, mixtral_dir, transport):
+    # numpy has no bfloat16: the actor transport carries its bits, the channel its bytes; either
+    # way a shard's answer equals the same experts computed in this process.
+    placement = Placement.contiguous(8, 2)
+    group = start_shard_group(mixtral_dir, placement, dtype="bfloat16", cpus_per_shard=1, num_threads=1)
+    try:
+        channel = transport_to(group, transport, timeout_s=20.0)
+        gen = torch.Generator().manual_seed(4)
+        x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+        ids = torch.tensor([[0, 5], [1, 2], [6, 7], [3, 0], [2, 4]])
+        weights = torch.rand(5, 2, generator=gen).to(torch.bfloat16)
+        requests = {s: ShardRequest(x, torch.where((ids >= 4 * s) & (ids < 4 * s + 4), ids, -1),
+                                    torch.where((ids >= 4 * s) & (ids < 4 * s + 4), weights, 0)) for s in (0, 1)}
+        replies = channel.collect(channel.submit(1, requests))
+        whole = ExpertShard(9, mixtral_dir, list(range(8)), dtype="bfloat16").compute(1, x, ids, weights)
+        got = replies[0].output + replies[1].output
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), whole.float(), atol=2e-2, rtol=2e-2)
+    finally:
+        group.shutdown()
