@@ -43,6 +43,11 @@ def sample(
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
     scaled = logits / temps[:, None]  # [B, V]
+    # A row with +inf (a logit over float32's range once divided by its temperature) or NaN has no
+    # distribution: it takes its most likely token, and a stand-in keeps the filters' math finite.
+    broken = ~torch.isfinite(scaled.amax(dim=-1))  # [B]
+    if bool(broken.any()):
+        scaled[broken] = 0.0
     vocab = scaled.shape[-1]
     top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params])  # k >= V: no filter
     if bool(((top_k > 0) & (top_k < vocab)).any()):
@@ -57,17 +62,16 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
     if len(nucleus_rows):
         drop = _outside_nucleus(scaled[nucleus_rows], top_p[nucleus_rows])
         scaled[nucleus_rows] = scaled[nucleus_rows].masked_fill(drop, float("-inf"))
-    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)  # [B, V]; a filtered token adds 0, so no draw lands on it
-    total = cdf[:, -1:]  # [B, 1]: 1 up to float32 rounding
+    # float64: near a total of 1, float32 steps by 6e-8, which would round rare tokens' shares to 0 or double them.
+    cdf = scaled.softmax(dim=-1).double().cumsum(dim=-1)  # [B, V]; a filtered token adds 0, so no draw lands on it
+    total = cdf[:, -1:]  # [B, 1]: 1 up to rounding
     uniform = torch.cat([torch.rand(1, generator=generator, dtype=torch.float64) for generator in generators])  # [B]
     # Scaled by the row's own total and kept strictly below it, so the first entry whose cdf
     # exceeds the target always exists and always has probability > 0.
-    targets = torch.minimum((uniform[:, None] * total.double()).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
+    targets = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     tokens = torch.searchsorted(cdf, targets, right=True)[:, 0]  # [B]
-    # A row whose scaled logits overflowed has no distribution left: its most likely token.
-    broken = ~torch.isfinite(total[:, 0])
     if bool(broken.any()):
-        tokens[broken] = scaled[broken].argmax(dim=-1)
+        tokens[broken] = logits[broken].argmax(dim=-1)  # unscaled: the true maximum even where scaling overflowed
     return tokens
 
 

@@ -43,6 +43,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.allclose(got[:2], probs[:2] / probs[:2].sum(), atol=0.03)
 
 
+def test_a_rare_token_keeps_its_own_share_of_the_unit_interval(monkeypatch):
+    # 31999 tokens of p ~ 1.5e-8 behind one likely token: in float32 the cumulative sum near 1
+    # steps by 6e-8 and most of them would get no share (never drawn) or a doubled one.
+    logits = torch.full((32000,), -18.0)
+    logits[0] = 0.0
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    rare = 20000
+    draw = float((cdf[rare - 1] + cdf[rare]) / 2 / cdf[-1])  # the middle of that token's share
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor([draw], dtype=torch.float64))
+    assert sample(logits[None], [SamplingParams(temperature=1.0)], [None], torch.Generator()) == [rare]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
+                                    SamplingParams(temperature=1e-4, top_k=3)])
+def test_rows_without_a_distribution_take_their_most_likely_token(params):
+    inf = float("inf")
+    rows = torch.tensor([
+        [-inf, -inf, -inf, inf],  # +inf: softmax would be all NaN
+        [0.0, inf, 1.0, inf],  # the first of the +inf tokens
+        [1e34, 2e34, -1e34, 0.0],  # finite, but over float32's range once divided by a small temperature
+        [0.5, 2.0, 0.1, -1.0],  # an ordinary row in the same batch still samples
+    ])
+    tokens = sample(rows, [params] * 4, [None] * 4, torch.Generator().manual_seed(0))
+    assert tokens[:3] == [3, 1, 1]
+    assert 0 <= tokens[3] < 4
+
+
 @pytest.mark.parametrize("prefix", [1, 8, 256, 4000])
 def test_top_p_from_a_topk_prefix_equals_a_full_sort(monkeypatch, prefix):
     # Rows whose nucleus fits the prefix are cut there; the others are sorted whole. Either way
