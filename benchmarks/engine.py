@@ -103,11 +103,13 @@ class MixserveEngine:
         self._llm = LLM(folder, dtype=dtype, max_model_len=1024, max_num_seqs=max_batch, max_num_batched_tokens=512)
         self._seed = 0
 
-    def seconds(self, n: int, length: int, max_tokens: int) -> float:
+    def seconds(self, n: int, length: int, max_tokens: int, sampling: dict | None = None) -> float:
+        """One generate call's wall time; `sampling` (temperature, top_p, top_k) defaults to greedy."""
         self._seed += 1
         batch = prompts(n, length, self._seed)
+        params = self._params(max_tokens=max_tokens, ignore_eos=True, **(sampling or {"temperature": 0.0}))
         start = time.perf_counter()
-        outs = self._llm.generate(batch, self._params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        outs = self._llm.generate(batch, params)
         elapsed = time.perf_counter() - start
         if any(len(o.token_ids) != max_tokens for o in outs):
             raise RuntimeError(f"mixserve: expected {n} x {max_tokens} tokens")
@@ -170,8 +172,9 @@ class VllmWorker:
                 return answer
         raise RuntimeError(f"{self.label}: worker exited (code {self._proc.wait()})")
 
-    def seconds(self, n: int, length: int, max_tokens: int) -> float:
-        self._proc.stdin.write(json.dumps({"n": n, "length": length, "max_tokens": max_tokens}) + "\n")
+    def seconds(self, n: int, length: int, max_tokens: int, sampling: dict | None = None) -> float:
+        ask = {"n": n, "length": length, "max_tokens": max_tokens, "sampling": sampling or {}}
+        self._proc.stdin.write(json.dumps(ask) + "\n")
         self._proc.stdin.flush()
         return float(self._answer()["seconds"])
 

@@ -205,9 +205,10 @@ def _run(args):
         ids = rng.integers(3, hi, size=(n, length))
         return [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
 
-    def sp(max_tokens):
-        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
-                              detokenize=False)
+    def sp(max_tokens, sampling=None):
+        # sampling: temperature / top_p / top_k for sampled runs; greedy by default
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                              **(sampling or {"temperature": 0.0}))
 
     t_load0 = time.perf_counter()
     llm = LLM(
@@ -222,10 +223,11 @@ def _run(args):
     )
     load_s = time.perf_counter() - t_load0
 
-    def timed(n, length, max_tokens):
+    def timed(n, length, max_tokens, sampling=None):
         ps = prompts(n, length)
+        params = sp(max_tokens, sampling)
         t0 = time.perf_counter()
-        outs = llm.generate(ps, sp(max_tokens), use_tqdm=False)
+        outs = llm.generate(ps, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         got = [len(o.outputs[0].token_ids) for o in outs]
         if len(outs) != n or any(g != max_tokens for g in got):
@@ -292,7 +294,7 @@ def _serve_worker(timed, vllm) -> None:
             continue
         try:
             ask = json.loads(line)
-            seconds = timed(int(ask["n"]), int(ask["length"]), int(ask["max_tokens"]))
+            seconds = timed(int(ask["n"]), int(ask["length"]), int(ask["max_tokens"]), ask.get("sampling") or None)
             print(json.dumps({"seconds": seconds}), flush=True)
         except Exception as e:  # noqa: BLE001 - the driver decides what a failed run means
             print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
