@@ -70,11 +70,11 @@ def test_rows_without_a_distribution_take_their_most_likely_token(params):
     assert 0 <= tokens[3] < 4
 
 
-@pytest.mark.parametrize("prefix", [1, 8, 256, 4000])
-def test_top_p_from_a_topk_prefix_equals_a_full_sort(monkeypatch, prefix):
-    # Rows whose nucleus fits the prefix are cut there; the others are sorted whole. Either way
+@pytest.mark.parametrize("prefixes", [(1,), (8, 64), (256,), (4, 1024), (4000,)])
+def test_top_p_from_topk_prefixes_equals_a_full_sort(monkeypatch, prefixes):
+    # Rows whose nucleus fits a prefix are cut there; the others are sorted whole. Either way
     # the kept set must be the one a full sort gives, for peaked and for flat rows.
-    monkeypatch.setattr(sampler, "NUCLEUS_PREFIX", prefix)
+    monkeypatch.setattr(sampler, "NUCLEUS_PREFIXES", prefixes)
     gen = torch.Generator().manual_seed(3)
     scales = torch.tensor([0.1, 1.0, 4.0, 12.0]).repeat_interleave(4)  # flat ... peaked
     logits = torch.randn(16, 2000, generator=gen) * scales[:, None]
