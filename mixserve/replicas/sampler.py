@@ -128,15 +128,28 @@ def _outside_nucleus(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     total = odds.sum(dim=-1, keepdim=True)  # [N, 1]
     drop = torch.ones_like(odds, dtype=torch.bool)
     rows = torch.arange(n)  # rows whose nucleus is not found yet
+    # A lower bound on each row's nucleus size, from what a prefix showed: past its k-th token no
+    # probability exceeds the k-th, so reaching top_p takes at least k + (top_p - mass_k) / p_k
+    # tokens. A row whose bound exceeds the next prefix skips it (a flat row goes straight to the sort).
+    need = torch.zeros(n)
     for k in (*(p for p in NUCLEUS_PREFIXES if p < vocab), vocab):
-        part = odds if len(rows) == n else odds[rows]  # [R, V]
+        take = rows[need[rows] <= k] if k < vocab else rows
+        if not len(take):
+            continue
+        part = odds if len(take) == n else odds[take]  # [R, V]
         top, ids = part.topk(k, dim=-1) if k < vocab else part.sort(dim=-1, descending=True)  # [R, k]
-        keep = _nucleus_of_sorted(top / total[rows], top_p[rows])
-        found = ~keep[:, -1] if k < vocab else torch.ones(len(rows), dtype=torch.bool)  # the cut fell inside
-        if len(rows) == n and bool(found.all()):  # the usual case: every row done at once
+        probs = top / total[take]
+        keep = _nucleus_of_sorted(probs, top_p[take])
+        found = ~keep[:, -1] if k < vocab else torch.ones(len(take), dtype=torch.bool)  # the cut fell inside
+        if len(take) == n and bool(found.all()):  # the usual case: every row done at once
             return drop.scatter_(1, ids, ~keep)
-        drop[rows[found]] = torch.ones(int(found.sum()), vocab, dtype=torch.bool).scatter_(1, ids[found], ~keep[found])
-        rows = rows[~found]
+        drop[take[found]] = torch.ones(int(found.sum()), vocab, dtype=torch.bool).scatter_(1, ids[found], ~keep[found])
+        short = ~found
+        mass, p_k = probs[short].sum(dim=-1), probs[short, -1].clamp_min(1e-30)
+        need[take[short]] = k + (top_p[take[short]] - mass) / p_k
+        done = torch.zeros(n, dtype=torch.bool)
+        done[take[found]] = True
+        rows = rows[~done[rows]]
         if not len(rows):
             break
     return drop
