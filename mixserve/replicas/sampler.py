@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import Logprobs
 
+# When every row has a top_k of at most this, sampling runs on the topk candidates alone.
+TOP_K_DIRECT = 1024
 # How many of the most likely tokens top_p looks at first, then next (see _outside_nucleus).
 NUCLEUS_PREFIXES = (64, 1024)
 
@@ -84,34 +86,60 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
         scaled[broken] = 0.0
     vocab = scaled.shape[-1]
     top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params])  # k >= V: no filter
-    if bool(((top_k > 0) & (top_k < vocab)).any()):
-        k_max = int(top_k.max())
-        kth = scaled.topk(k_max, dim=-1).values  # [B, k_max]
-        k_index = (torch.where(top_k > 0, top_k, k_max) - 1).clamp(max=scaled.shape[-1] - 1)
-        threshold = kth.gather(1, k_index[:, None])
-        threshold[top_k <= 0] = float("-inf")
-        scaled.masked_fill_(scaled < threshold, float("-inf"))
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
-    nucleus_rows = (top_p < 1).nonzero()[:, 0]
-    if len(nucleus_rows) == len(params):  # the usual case, one top_p for all: no gathered copies
-        scaled.masked_fill_(_outside_nucleus(scaled, top_p), float("-inf"))
-    elif len(nucleus_rows):
-        drop = _outside_nucleus(scaled[nucleus_rows], top_p[nucleus_rows])
-        scaled[nucleus_rows] = scaled[nucleus_rows].masked_fill(drop, float("-inf"))
+    filtered = (top_k > 0) & (top_k < vocab)
+    if bool(filtered.all()) and int(top_k.max()) <= TOP_K_DIRECT:
+        tokens = _sample_top_k(scaled, top_k, top_p, generators)
+    else:
+        if bool(filtered.any()):
+            k_max = int(top_k.max())
+            kth = scaled.topk(k_max, dim=-1).values  # [B, k_max]
+            k_index = (torch.where(top_k > 0, top_k, k_max) - 1).clamp(max=scaled.shape[-1] - 1)
+            threshold = kth.gather(1, k_index[:, None])
+            threshold[top_k <= 0] = float("-inf")
+            scaled.masked_fill_(scaled < threshold, float("-inf"))
+        nucleus_rows = (top_p < 1).nonzero()[:, 0]
+        if len(nucleus_rows) == len(params):  # the usual case, one top_p for all: no gathered copies
+            scaled.masked_fill_(_outside_nucleus(scaled, top_p), float("-inf"))
+        elif len(nucleus_rows):
+            drop = _outside_nucleus(scaled[nucleus_rows], top_p[nucleus_rows])
+            scaled[nucleus_rows] = scaled[nucleus_rows].masked_fill(drop, float("-inf"))
+        tokens = _draw(scaled, generators)
+    if bool(broken.any()):
+        tokens[broken] = logits[broken].argmax(dim=-1)  # unscaled: the true maximum even where scaling overflowed
+    return tokens
+
+
+def _sample_top_k(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """Every row keeps at most its top_k (<= TOP_K_DIRECT) tokens: draw among those candidates,
+    [B, k] instead of [B, V] for every pass after the topk itself."""
+    k_max = int(top_k.max())
+    candidates, ids = scaled.topk(k_max, dim=-1)  # [B, k], most likely first
+    candidates.masked_fill_(torch.arange(k_max)[None, :] >= top_k[:, None], float("-inf"))  # rows with smaller k
+    if bool((top_p < 1).any()):  # top_p after top_k: the nucleus of the renormalised candidates
+        keep = _nucleus_of_sorted(candidates.softmax(dim=-1), top_p) | (top_p >= 1)[:, None]
+        candidates.masked_fill_(~keep, float("-inf"))
+    # Drawn in vocabulary order, like the full path: a seeded row then gets the same token for
+    # the same draw whichever path its batch takes (its tokens may not depend on its neighbours).
+    ids, order = ids.sort(dim=-1)
+    return ids.gather(1, _draw(candidates.gather(1, order), generators)[:, None])[:, 0]
+
+
+def _draw(scaled: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """scaled [B, N] filtered logits (-inf = never) -> per row the index of one draw, row i
+    with generators[i]. Destroys scaled (its odds are computed in place)."""
     # Unnormalised probabilities, in place: the draw is scaled by each row's total anyway, and
     # every pass over [B, V] shows at 32 rows.
-    odds = _odds_(scaled)  # [B, V]; a filtered token is exactly 0
+    odds = _odds_(scaled)  # [B, N]; a filtered entry is exactly 0
     # float64: near the total, float32 steps by 6e-8 of it, which would round rare tokens' shares to 0 or double them.
-    cdf = _scratch_rows("cdf", torch.float64, *odds.shape, odds.device).copy_(odds).cumsum_(dim=-1)  # [B, V]: a filtered token adds 0
+    cdf = _scratch_rows("cdf", torch.float64, *odds.shape, odds.device).copy_(odds).cumsum_(dim=-1)  # [B, N]: a filtered entry adds 0
     total = cdf[:, -1:]  # [B, 1]
     uniform = torch.cat([torch.rand(1, generator=generator, dtype=torch.float64) for generator in generators])  # [B]
     # Scaled by the row's own total and kept strictly below it, so the first entry whose cdf
     # exceeds the target always exists and always has probability > 0.
     targets = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    tokens = torch.searchsorted(cdf, targets, right=True)[:, 0]  # [B]
-    if bool(broken.any()):
-        tokens[broken] = logits[broken].argmax(dim=-1)  # unscaled: the true maximum even where scaling overflowed
-    return tokens
+    return torch.searchsorted(cdf, targets, right=True)[:, 0]  # [B]
 
 
 def _outside_nucleus(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

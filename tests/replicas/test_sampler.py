@@ -35,6 +35,21 @@ def test_top_k_keeps_the_k_most_likely_renormalised():
     assert got[2:].sum() == 0 and torch.allclose(got, expected, atol=0.03)
 
 
+def test_rows_with_different_top_k_and_top_p_in_one_batch_each_get_their_own_filter():
+    n = 2000
+    rows = LOGITS.expand(3 * n, -1).contiguous()
+    params = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_k=3),
+              SamplingParams(temperature=1.0, top_k=3, top_p=0.7)] * n
+    tokens = torch.tensor(sample(rows, params, [None] * (3 * n), torch.Generator().manual_seed(2)))
+    assert (tokens[0::3] == 0).all()  # top_k 1: the most likely token only
+    probs = torch.softmax(LOGITS[:3], dim=-1)  # top_k 3, renormalised
+    freq = torch.bincount(tokens[1::3], minlength=len(LOGITS)).float() / n
+    assert freq[3:].sum() == 0 and torch.allclose(freq[:3], probs, atol=0.035)
+    # top_p 0.7 over those three (0.63, 0.23, 0.14): the nucleus is the first two, renormalised
+    freq = torch.bincount(tokens[2::3], minlength=len(LOGITS)).float() / n
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], probs[:2] / probs[:2].sum(), atol=0.035)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.softmax(LOGITS, dim=-1)  # about 0.55, 0.20, 0.12, 0.07, ...
     p = float(probs[0] + probs[1]) - 1e-3  # needs the top two; the third is never reached
@@ -97,16 +112,23 @@ def test_greedy_rows_and_sampled_rows_in_one_batch():
     assert torch.allclose(freq, torch.softmax(LOGITS, dim=-1), atol=0.035)
 
 
-@pytest.mark.parametrize("draw", [0.0, 1.0 - 2.0**-53])
 @pytest.mark.parametrize("logits", [LOGITS, LOGITS.flip(0)])
-def test_draws_at_either_end_of_the_unit_interval_land_on_kept_tokens(monkeypatch, draw, logits):
-    # The sampler inverts the cumulative distribution at one uniform draw per row: the extreme
-    # draws must still land on a token top_k kept, never on a filtered one before or after it.
-    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor([draw], dtype=torch.float64))
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_k=2),  # drawn among the topk candidates
+        SamplingParams(temperature=1.0, top_p=0.7),  # drawn over the whole vocabulary, filtered
+    ],
+)
+def test_draws_at_either_end_of_the_unit_interval_land_on_kept_tokens(monkeypatch, logits, params):
+    # The sampler inverts a cumulative distribution at one uniform draw per row: the extreme
+    # draws must land on the two tokens the filter kept (one at each end), never on a filtered one.
     kept = set(logits.topk(2).indices.tolist())
-    token = sample(logits[None], [SamplingParams(temperature=1.0, top_k=2)], [None], torch.Generator())[0]
-    assert token in kept
-    assert token == (min(kept) if draw == 0.0 else max(kept))
+    got = set()
+    for draw in (0.0, 1.0 - 2.0**-53):
+        monkeypatch.setattr(torch, "rand", lambda *args, draw=draw, **kwargs: torch.tensor([draw], dtype=torch.float64))
+        got.add(sample(logits[None].clone(), [params], [None], torch.Generator())[0])
+    assert got == kept
 
 
 @pytest.mark.parametrize(
@@ -134,3 +156,15 @@ def test_token_logprobs_put_the_chosen_token_first_and_add_the_top_n():
     (entry,) = token_logprobs(LOGITS[None], chosen=[4], top_n=[2])
     assert list(entry) == [4, 0, 1]
     assert entry[4] == pytest.approx(logp[4].item()) and entry[0] == pytest.approx(logp[0].item())
+
+
+def test_a_seeded_row_draws_the_same_token_whichever_path_its_batch_takes():
+    # Alone, a top_k row is drawn among its topk candidates; next to a row without top_k the
+    # batch takes the full-vocabulary path. A seeded request must not notice the difference.
+    logits = torch.randn(2, 32000, generator=torch.Generator().manual_seed(5)) * 3
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9)
+    for seed in range(20):
+        alone = sample(logits[:1].clone(), [params], [torch.Generator().manual_seed(seed)], torch.Generator())
+        mixed = sample(logits.clone(), [params, SamplingParams(temperature=1.0)],
+                       [torch.Generator().manual_seed(seed), None], torch.Generator())
+        assert alone[0] == mixed[0]
