@@ -324,9 +324,10 @@ class ShardServer:
     def _flush(self, conn: _Connection) -> None:
         """Sends what the kernel takes now; waits for room (and pauses reading) as needed."""
         conn.outbox = _send_all(conn.sock, conn.outbox)
-        if conn.events() != conn.registered:
-            conn.registered = conn.events()
-            self._selector.modify(conn.sock, conn.registered, conn)
+        events = conn.events()
+        if events != conn.registered:
+            conn.registered = events
+            self._selector.modify(conn.sock, events, conn)
 
 
 def _split_address(address: str) -> tuple[str, int]:
