@@ -82,13 +82,26 @@ def _timed(fn) -> float:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
+    """CPU model, vector units, last-level cache, cores, memory and software: machines of one name
+    differ (this project's CI class has been both AMD EPYC and Intel Xeon), and a last-level cache
+    of hundreds of MiB holds a small model's whole weights."""
+    cpu, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or "unknown CPU"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
+        pass
+    units = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+             if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    if units:
+        cpu += f" ({', '.join(units)})"
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()  # e.g. "491520K"
+        cpu += f", L3 {int(size[:-1]) // 1024} MiB" if size.endswith("K") else f", L3 {size}"
+    except (OSError, ValueError):
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, torch {torch.__version__}, Python {platform.python_version()}"
