@@ -85,15 +85,17 @@ def machine_description() -> str:
     """CPU model, vector units, last-level cache, cores, memory and software: machines of one name
     differ (this project's CI class has been both AMD EPYC and Intel Xeon), and a last-level cache
     of hundreds of MiB holds a small model's whole weights."""
-    cpu, flags = platform.processor() or "unknown CPU", set()
+    model, flags = "", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or "unknown CPU"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first core's lines are enough
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
+    cpu = model or platform.processor() or "unknown CPU"
     units = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
              if flag in flags] or (["AVX2"] if "avx2" in flags else [])
     if units:
