@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,16 @@ _scratch = threading.local()
 # a token 1e37 times less likely than the row's top one is simply never drawn.
 MIN_EXPONENT = -87.0
 TAIL_ODDS = 1e-37
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] long: each row's most likely token (the first one on ties, a NaN if any,
+    like torch.argmax). Why numpy on CPUs: torch's CPU argmax compares one element at a time,
+    0.82 ms for 16 rows of 32000 on one thread of the 2-core EPYC CI machine, and numpy's
+    vectorised one takes 0.04 ms (a decode step of tiny-mixtral at 16 sequences is 14 ms)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=1)).long()
+    return logits.argmax(dim=-1)
 
 
 def _odds_(scaled: torch.Tensor) -> torch.Tensor:
@@ -68,11 +79,11 @@ def sample(
     (None = the engine's shared generator)."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return logits.argmax(dim=-1).tolist()
+        return greedy_tokens(logits).tolist()
     gens = [generators[i] or default_generator for i in rows]
     if len(rows) == len(params):  # all sampled: no argmax pass, no gathered copy of the logits
         return _sample_rows(logits, params, gens).tolist()
-    tokens = logits.argmax(dim=-1)  # greedy rows keep this
+    tokens = greedy_tokens(logits)  # greedy rows keep this
     tokens[rows] = _sample_rows(logits[rows], [params[i] for i in rows], gens)
     return tokens.tolist()
 
@@ -108,7 +119,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
             scaled[nucleus_rows] = scaled[nucleus_rows].masked_fill(drop, float("-inf"))
         tokens = _draw(scaled, generators)
     if any_broken:
-        tokens[broken] = logits[broken].argmax(dim=-1)  # unscaled: the true maximum even where scaling overflowed
+        tokens[broken] = greedy_tokens(logits[broken])  # unscaled: the true maximum even where scaling overflowed
     return tokens
 
 

@@ -307,3 +307,17 @@ def test_stop_string_spanning_tokens_is_never_streamed(mixtral_llm):
     chunks = list(mixtral_llm.stream(prompt, SamplingParams(max_tokens=24, temperature=0.0, stop=[stop])))
     assert "".join(c.new_text for c in chunks) == expected and chunks[-1].text == expected
     assert all(stop not in c.text for c in chunks)
+
+
+def test_sampled_rows_are_a_view_when_consecutive_and_a_gather_otherwise():
+    from mixserve.replicas.engine import _rows_of
+
+    logits = torch.arange(24.0).reshape(6, 4)
+    for rows in ([0, 1, 2, 3, 4, 5], [2, 3], [5], [0, 2, 5], [3, 1], []):
+        got = _rows_of(logits, rows)
+        assert torch.equal(got, logits[rows])
+        if rows:
+            consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+            assert (got.data_ptr() == logits[rows[0]].data_ptr()) == consecutive
+        else:
+            assert got.shape == (0, 4)

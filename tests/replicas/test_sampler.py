@@ -168,3 +168,18 @@ def test_a_seeded_row_draws_the_same_token_whichever_path_its_batch_takes():
         mixed = sample(logits.clone(), [params, SamplingParams(temperature=1.0)],
                        [torch.Generator().manual_seed(seed), None], torch.Generator())
         assert alone[0] == mixed[0]
+
+
+def test_greedy_tokens_agree_with_torch_argmax_on_ties_nan_and_strided_rows():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 500, generator=gen)
+    logits[1, 10] = logits[1, 400] = 50.0  # a tie: the first index wins
+    logits[2, 77] = float("nan")  # NaN counts as the maximum, as in torch.argmax
+    logits[3] = float("-inf")
+    logits[4, 499] = float("inf")
+    for rows in (logits, logits[::2], logits[:, ::3], logits[:0]):
+        want = rows.argmax(dim=-1) if rows.shape[0] else torch.empty(0, dtype=torch.long)
+        got = sampler.greedy_tokens(rows)
+        assert got.dtype == torch.long
+        assert torch.equal(got, want)
+    assert sampler.greedy_tokens(logits.double()).tolist() == logits.double().argmax(dim=-1).tolist()
