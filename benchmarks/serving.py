@@ -134,10 +134,12 @@ def run_load(url: str, model: str, load: Load, fig: Figures, seed: int) -> None:
     fig.elapsed_s += time.monotonic() - start
 
 
-def serve_mixserve(folder: Path, port: int, threads: int | None, prefill_threads: int | None) -> subprocess.Popen:
+def serve_mixserve(folder: Path, port: int, threads: int | None, prefill_threads: int | None,
+                   heavy_threads: int | None = None) -> subprocess.Popen:
     config = ROOT / "benchmarks" / ".serving-mixserve.yaml"
     threads_field = f", num_threads: {threads}" if threads else ""
     threads_field += f", prefill_num_threads: {prefill_threads}" if prefill_threads else ""
+    threads_field += f", heavy_op_threads: {heavy_threads}" if heavy_threads else ""
     config.write_text(
         f"model: {{name: {MODEL}, source: {folder}}}\n"
         f"attention: {{replicas: 1, cpus_per_replica: 1, engine: {{max_model_len: 1024, max_num_seqs: 32{threads_field}}}}}\n"
@@ -229,12 +231,16 @@ def main() -> None:
     parser.add_argument("--prefill-threads", type=int, default=2,
                         help="torch threads of the replica's prefill-heavy steps (EngineConfig.prefill_num_threads; "
                              "0 = as --engine-threads)")
+    parser.add_argument("--heavy-threads", type=int, default=2,
+                        help="torch threads of the LM head and the experts in every step (EngineConfig.heavy_op_threads; "
+                             "0 = as the step)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ns = parser.parse_args()
     load = Load(ns.concurrency, ns.requests, ns.prompt_len, ns.max_tokens)
     folder = ensure_checkpoint(MODEL)
 
-    servers = [start("mixserve", lambda port: serve_mixserve(folder, port, ns.engine_threads, ns.prefill_threads or None), 300)]
+    servers = [start("mixserve", lambda port: serve_mixserve(folder, port, ns.engine_threads, ns.prefill_threads or None,
+                                                                  ns.heavy_threads or None), 300)]
     try:
         direct = replica_url() if servers[0] is not None else None
         if direct is not None:  # the same server, one hop shorter: measured as its own row
@@ -274,7 +280,8 @@ def main() -> None:
             f"each in a row, {ns.rounds} rounds alternating between the servers (all up, order rotating), "
             f"{load.prompt_len}-token prompts, {load.max_tokens} output tokens (ignore_eos), measured by the clients on "
             f"loopback. mixserve: `mixserve serve` with 1 attention replica (1 CPU), experts in-process, "
-            f"prefill_num_threads {ns.prefill_threads or 'unset'}, reached two ways: the replica's own port (Ray Serve "
+            f"prefill_num_threads {ns.prefill_threads or 'unset'}, heavy_op_threads {ns.heavy_threads or 'unset'}, "
+            f"reached two ways: the replica's own port (Ray Serve "
             f"direct ingress, what `mixserve serve` prints) and the Serve proxy's port; the ratio row compares the "
             f"first with vLLM: `vllm serve` (OpenAI server), VLLM_CPU_OMP_THREADS_BIND={ns.vllm_bind}. Ratios < 1 in "
             f"the latency columns mean mixserve is faster.\n\n{table}",

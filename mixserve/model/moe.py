@@ -21,6 +21,7 @@ from torch import nn
 
 from mixserve.model.moe_kernels import fused_moe
 from mixserve.model.packed import PackedWeight
+from mixserve.model.threads import intra_op_threads
 
 
 class Experts(Protocol):
@@ -190,20 +191,23 @@ class MoeLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, D]
         return self.start(x)()
 
-    def start(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def start(self, x: torch.Tensor, local_threads: int | None = None) -> Callable[[], torch.Tensor]:
         """Gates x [T, D] and starts the experts; the returned call gives the [T, D] output.
         Remote experts return before the shards finish (ping-pong overlaps that wait with
-        another micro-batch's attention); local ones compute here."""
+        another micro-batch's attention); local ones compute here, on local_threads intra-op
+        threads when given (mixserve.model.threads)."""
         weights, expert_ids = top_k_gating(self.gate(x), self.k)
         if self._start_remote is not None:
             return self._start_remote(x, expert_ids, weights.to(x.dtype))
-        y = self.experts(x, expert_ids, weights.to(x.dtype))
+        with intra_op_threads(local_threads):
+            y = self.experts(x, expert_ids, weights.to(x.dtype))
         return lambda: y
 
 
-def start_feed_forward(feed_forward: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+def start_feed_forward(feed_forward: nn.Module, x: torch.Tensor, local_threads: int | None = None) -> Callable[[], torch.Tensor]:
     """Starts any feed-forward (MoE or dense) the way MoeLayer.start does."""
     if isinstance(feed_forward, MoeLayer):
-        return feed_forward.start(x)
-    y = feed_forward(x)
+        return feed_forward.start(x, local_threads)
+    with intra_op_threads(local_threads):
+        y = feed_forward(x)
     return lambda: y

@@ -16,6 +16,7 @@ from mixserve.model.attention_backends import AttentionBackend, SdpaBackend
 from mixserve.model.cache import RollingKVCache, StepMetadata
 from mixserve.model.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
 from mixserve.model.moe import LocalExperts, MoeLayer, start_feed_forward
+from mixserve.model.threads import intra_op_threads
 
 
 class TransformerBlock(nn.Module):
@@ -26,6 +27,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
+        self.heavy_op_threads: int | None = None  # see Transformer.set_heavy_op_threads
 
     def forward(self, x, rope_tables, meta, cache, backend):
         return self.start(x, rope_tables, meta, cache, backend)()
@@ -33,7 +35,7 @@ class TransformerBlock(nn.Module):
     def start(self, x, rope_tables, meta, cache, backend) -> Callable[[], torch.Tensor]:
         """Attention now; the feed-forward started. The returned call gives the block's output."""
         h = x + self.attention(self.attention_norm(x), self.layer, rope_tables, meta, cache, backend)
-        feed_forward = start_feed_forward(self.feed_forward, self.ffn_norm(h))
+        feed_forward = start_feed_forward(self.feed_forward, self.ffn_norm(h), self.heavy_op_threads)
         return lambda: h + feed_forward()
 
 
@@ -67,6 +69,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, max_positions)
         self.backend: AttentionBackend = SdpaBackend()
+        self.heavy_op_threads: int | None = None
         # What runs at the start of every step (remote experts latch their placement); empty in one process.
         self._step_hooks = [
             b.feed_forward.step_hook for b in self.layers if getattr(b.feed_forward, "step_hook", None) is not None
@@ -101,6 +104,13 @@ class Transformer(nn.Module):
                 pending[i] = block.start(hs[i], tables[i], b.meta, cache, self.backend)
         return torch.cat([self._logits(finish(), b.logit_rows) for finish, b in zip(pending, batches)])
 
+    def set_heavy_op_threads(self, n: int | None) -> None:
+        """Intra-op threads for the LM head and the in-process feed-forward of every block (None:
+        the step's own count). See mixserve.model.threads."""
+        self.heavy_op_threads = n
+        for block in self.layers:
+            block.heavy_op_threads = n
+
     def _begin_step(self) -> None:
         for hook in self._step_hooks:
             hook()
@@ -109,4 +119,5 @@ class Transformer(nn.Module):
         if logit_rows.numel() == 0:  # a mid-prompt chunk: nothing to sample, skip the LM head
             return h.new_empty(0, self.args.vocab_size, dtype=torch.float32)
         h = self.norm(h.index_select(0, logit_rows))  # the LM head only runs where logits are used
-        return self.output(h).float()
+        with intra_op_threads(self.heavy_op_threads):
+            return self.output(h).float()

@@ -64,6 +64,7 @@ class LLMEngine:
         chunk = config.prefill_chunk_size or config.max_num_batched_tokens
         self.scheduler = Scheduler(n_slots, max(config.max_num_batched_tokens, n_slots), chunk)
         self.model.backend = make_backend(config.attention_backend, config.device, dtype)
+        self.model.set_heavy_op_threads(config.heavy_op_threads)
         self._requests: dict[str, Sequence] = {}
         self._generator = torch.Generator().manual_seed(config.seed)
         self._threads_now: int | None = None  # intra-op threads set by the last step (prefill_num_threads)

@@ -58,6 +58,14 @@ class EngineConfig(BaseModel):
         "oversubscribed thread barriers) yet prefill arriving prompts on more, which cuts time to first token. "
         "None: every step uses num_threads.",
     )
+    heavy_op_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads for each step's heaviest ops, the LM head and the in-process "
+        "experts (or dense MLP), which stream most of a decode step's weights in a few large parallel regions; "
+        "the step's other ops keep num_threads. Lets a replica that decodes on one thread beside its event "
+        "loop still use a second core where it pays most (mixserve/model/threads.py). None: no change.",
+    )
     micro_batches: int = Field(
         1,
         ge=1,

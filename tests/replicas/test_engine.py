@@ -70,6 +70,36 @@ def test_prefill_heavy_steps_run_on_prefill_num_threads_and_decodes_on_num_threa
     assert [o.token_ids for o in results["split"]] == [o.token_ids for o in expected]
 
 
+def test_heavy_ops_run_on_heavy_op_threads_and_the_rest_of_the_step_on_num_threads(mixtral_dir):
+    import threading
+
+    seen: dict[str, set[int]] = {"lm_head": set(), "experts": set(), "attention": set()}
+    results = {}
+
+    def run() -> None:  # its own thread, as the replica's step thread, so the test's count is untouched
+        llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, num_threads=1, heavy_op_threads=2)
+        model = llm.engine.model
+
+        def tracer(kind):
+            return lambda module, args: seen[kind].add(torch.get_num_threads())
+
+        model.output.register_forward_pre_hook(tracer("lm_head"))
+        for block in model.layers:
+            block.feed_forward.experts.register_forward_pre_hook(tracer("experts"))
+            block.attention.register_forward_pre_hook(tracer("attention"))
+        results["heavy"] = llm.generate([random_prompt(30, 0), random_prompt(5, 1)], SamplingParams(max_tokens=6, **GREEDY))
+        results["threads_after"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert seen == {"lm_head": {2}, "experts": {2}, "attention": {1}}
+    assert results["threads_after"] == 1
+    plain = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4)
+    expected = plain.generate([random_prompt(30, 0), random_prompt(5, 1)], SamplingParams(max_tokens=6, **GREEDY))
+    assert [o.token_ids for o in results["heavy"]] == [o.token_ids for o in expected]
+
+
 def test_admission_waits_for_a_free_slot_and_every_request_finishes(mixtral_dir):
     llm = LLM(mixtral_dir, max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16)
     engine = llm.engine
