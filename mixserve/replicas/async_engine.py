@@ -55,7 +55,8 @@ class AsyncEngine:
         # heavy ops stay on the step's own thread count (EngineConfig.heavy_op_threads), so that
         # the event loop sharing the cores parses, admits and answers arrivals at once. On the
         # 2-core CI machine, widening them regardless lifted 16-stream throughput to 1.16-1.23x
-        # vLLM's but left p99 time to first token at 1.04-1.70x (0.78-0.83x before).
+        # vLLM's but left p99 time to first token at 1.04-1.70x (0.78-0.83x before); with this
+        # rule, one run gave 1.23x and 1.23x (p99 there is the second-worst of 128 and swings).
         self._awaiting_first = 0
         self._awaiting_lock = threading.Lock()  # generate() may run on more than one event loop
         self._thread = threading.Thread(target=self._run, name="engine-steps", daemon=True)
