@@ -24,8 +24,8 @@ import torch
 def intra_op_threads(n: int | None) -> Iterator[None]:
     """Runs the block on n torch intra-op threads, then restores the calling thread's count
     (None, or the count already set: nothing changes)."""
-    current = torch.get_num_threads()
-    if not n or n == current:
+    current = torch.get_num_threads() if n else None
+    if current is None or n == current:
         yield
         return
     torch.set_num_threads(n)

@@ -27,15 +27,15 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = feed_forward
-        self.heavy_op_threads: int | None = None  # see Transformer.set_heavy_op_threads
 
-    def forward(self, x, rope_tables, meta, cache, backend):
-        return self.start(x, rope_tables, meta, cache, backend)()
+    def forward(self, x, rope_tables, meta, cache, backend, heavy_op_threads=None):
+        return self.start(x, rope_tables, meta, cache, backend, heavy_op_threads)()
 
-    def start(self, x, rope_tables, meta, cache, backend) -> Callable[[], torch.Tensor]:
-        """Attention now; the feed-forward started. The returned call gives the block's output."""
+    def start(self, x, rope_tables, meta, cache, backend, heavy_op_threads=None) -> Callable[[], torch.Tensor]:
+        """Attention now; the feed-forward started (on heavy_op_threads intra-op threads when
+        given). The returned call gives the block's output."""
         h = x + self.attention(self.attention_norm(x), self.layer, rope_tables, meta, cache, backend)
-        feed_forward = start_feed_forward(self.feed_forward, self.ffn_norm(h), self.heavy_op_threads)
+        feed_forward = start_feed_forward(self.feed_forward, self.ffn_norm(h), heavy_op_threads)
         return lambda: h + feed_forward()
 
 
@@ -69,6 +69,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, max_positions)
         self.backend: AttentionBackend = SdpaBackend()
+        # Intra-op threads for the LM head and the in-process feed-forward of every block (None:
+        # the step's own count); see mixserve.model.threads.
         self.heavy_op_threads: int | None = None
         # What runs at the start of every step (remote experts latch their placement); empty in one process.
         self._step_hooks = [
@@ -86,7 +88,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # [T, D]
         rope_tables = self.rope.tables(meta.positions)  # once per step, shared by every layer
         for block in self.layers:
-            h = block(h, rope_tables, meta, cache, self.backend)
+            h = block(h, rope_tables, meta, cache, self.backend, self.heavy_op_threads)
         return self._logits(h, logit_rows)
 
     def forward_micro_batches(self, batches: list[MicroBatch], cache: RollingKVCache) -> torch.Tensor:
@@ -101,15 +103,8 @@ class Transformer(nn.Module):
             for i, b in enumerate(batches):
                 if pending[i] is not None:
                     hs[i] = pending[i]()  # waits for this part's experts of the previous layer
-                pending[i] = block.start(hs[i], tables[i], b.meta, cache, self.backend)
+                pending[i] = block.start(hs[i], tables[i], b.meta, cache, self.backend, self.heavy_op_threads)
         return torch.cat([self._logits(finish(), b.logit_rows) for finish, b in zip(pending, batches)])
-
-    def set_heavy_op_threads(self, n: int | None) -> None:
-        """Intra-op threads for the LM head and the in-process feed-forward of every block (None:
-        the step's own count). See mixserve.model.threads."""
-        self.heavy_op_threads = n
-        for block in self.layers:
-            block.heavy_op_threads = n
 
     def _begin_step(self) -> None:
         for hook in self._step_hooks:

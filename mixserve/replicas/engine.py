@@ -64,11 +64,10 @@ class LLMEngine:
         chunk = config.prefill_chunk_size or config.max_num_batched_tokens
         self.scheduler = Scheduler(n_slots, max(config.max_num_batched_tokens, n_slots), chunk)
         self.model.backend = make_backend(config.attention_backend, config.device, dtype)
-        self.model.set_heavy_op_threads(config.heavy_op_threads)
+        self.model.heavy_op_threads = config.heavy_op_threads
         # Cleared by a front end while a caller waits for its first token (see AsyncEngine): the
         # heavy ops then keep the step's own thread count and leave a core to the event loop.
         self.widen_heavy_ops = True
-        self._heavy_threads_now = config.heavy_op_threads
         self._requests: dict[str, Sequence] = {}
         self._generator = torch.Generator().manual_seed(config.seed)
         self._threads_now: int | None = None  # intra-op threads set by the last step (prefill_num_threads)
@@ -231,10 +230,7 @@ class LLMEngine:
         and 101-133 ms with 1 thread throughout, at equal or better tokens/s (2 threads throughout
         halves tokens/s there: the event loop's thread preempts an OpenMP worker at every barrier).
         Set in the stepping thread: torch's thread count applies to the thread that sets it."""
-        heavy = self.config.heavy_op_threads if self.widen_heavy_ops else None
-        if heavy != self._heavy_threads_now:
-            self.model.set_heavy_op_threads(heavy)
-            self._heavy_threads_now = heavy
+        self.model.heavy_op_threads = self.config.heavy_op_threads if self.widen_heavy_ops else None
         wide = self.config.prefill_num_threads
         if wide is None:
             return
