@@ -95,6 +95,11 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         # switch interval keeps one busy thread from making every other request wait 5 ms a turn.
         sys.setswitchinterval(0.0005)
 
+    def check_health(self) -> None:
+        """Serve's health check: when the attention replica runs here, its health is this one's."""
+        if self.replica is not None:
+            self.replica.check_health()
+
     # ---- the attention replica's own calls, when it runs here (`mixserve status`, reports) --
     def stats(self) -> dict:
         return self._local().stats()

@@ -24,6 +24,7 @@ from mixserve.replicas.async_engine import AsyncEngine
 from mixserve.model.factory import DTYPES
 from mixserve.replicas.engine import LLMEngine
 from mixserve.replicas.engine_config import EngineConfig
+from mixserve.replicas.engine_process import ProcessEngine
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
 from mixserve.replicas.tokenizer import Tokenizer
@@ -69,13 +70,30 @@ class AttentionReplica:
         # Wall-clock marks of this replica's start (a cold start's breakdown: experts, weights, ready).
         self._startup = {"started_at": time.time()}
         config = EngineConfig.model_validate(engine_config)
+        # A remote source fetches only the tensors this replica holds (no expert's, with shards).
+        self._weights = as_weights_source(checkpoint)
+        self.model_name = model_name
+        if config.step_loop == "process" and experts_connector is not None:
+            raise ValueError("step_loop 'process' needs in-process experts (shards: 0); remote experts step in a thread")
+        if config.step_loop == "process" or (config.step_loop == "auto" and experts_connector is None):
+            self._startup["experts_ready_at"] = time.time()
+            self.engine = await asyncio.to_thread(ProcessEngine, self._weights, config)
+            self._weights_report = self.engine.weights_report  # the child read the weights
+            self._startup["weights_loaded_at"] = time.time()
+        else:
+            self.engine = await self._engine_in_thread(config, expert_router, experts_connector)
+            self._weights_report = None
+        self._startup["ready_at"] = time.time()
+        if stats_reporter is not None:
+            # Queue figures for /metrics; injected so this package needs nothing of the platform's.
+            asyncio.get_running_loop().create_task(self._report_stats(stats_reporter, stats_target))
+
+    async def _engine_in_thread(self, config: EngineConfig, expert_router, experts_connector) -> AsyncEngine:
         # The step thread holds the GIL for most of each step; with the default 5 ms switch
         # interval every request arriving and every output leaving waits behind it (convoy).
         sys.setswitchinterval(GIL_SWITCH_S)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        # A remote source fetches only the tensors this replica holds (no expert's, with shards).
-        self._weights = as_weights_source(checkpoint)
         args = ModelArgs.from_folder(await asyncio.to_thread(self._weights.folder))
         max_len = config.max_model_len or args.max_position_embeddings
         kwargs = {}
@@ -87,12 +105,12 @@ class AttentionReplica:
             moe_kernel=config.moe_kernel, **kwargs
         )
         self._startup["weights_loaded_at"] = time.time()
-        self.model_name = model_name
-        self.engine = AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(self._weights.folder()), config))
-        self._startup["ready_at"] = time.time()
-        if stats_reporter is not None:
-            # Queue figures for /metrics; injected so this package needs nothing of the platform's.
-            asyncio.get_running_loop().create_task(self._report_stats(stats_reporter, stats_target))
+        return AsyncEngine(LLMEngine(model, Tokenizer.from_checkpoint(self._weights.folder()), config))
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine process exited is replaced."""
+        if not getattr(self.engine, "alive", True):
+            raise RuntimeError("the engine process has exited")
 
     @classmethod
     async def start(cls, *args, **kwargs) -> AttentionReplica:
@@ -139,7 +157,7 @@ class AttentionReplica:
 
     def weights_report(self) -> dict:
         """What loading the weights cost this replica (bytes fetched, from where)."""
-        return self._weights.report()
+        return self._weights_report if self._weights_report is not None else self._weights.report()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -161,6 +161,10 @@ class LLMEngine:
         """True while the request is queued or running."""
         return request_id in self._requests
 
+    def request_ids(self) -> list[str]:
+        """The requests not finished yet (waiting or running)."""
+        return list(self._requests)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 

@@ -19,7 +19,7 @@ class EngineConfig(BaseModel):
         description="Longest prompt + output in tokens. Defaults to the model's max_position_embeddings.",
     )
     max_num_batched_tokens: int = Field(
-        512, ge=1, description="Token budget of one step, shared by decodes and prefill chunks."
+        1024, ge=1, description="Token budget of one step, shared by decodes and prefill chunks."
     )
     prefill_chunk_size: int | None = Field(
         None,
@@ -73,6 +73,14 @@ class EngineConfig(BaseModel):
         description="Ping-pong: split each step's batch into this many micro-batches so that one's "
         "attention runs while the expert shards compute another's (MegaScale-Infer). Helps only with "
         "remote experts; 1 turns it off.",
+    )
+    step_loop: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="Where a serving replica steps its engine: 'process' in a child process of its own, so the "
+        "replica's event loop (HTTP, gRPC, streaming, all Python) never holds the GIL that every torch op of a "
+        "step needs back (mixserve/replicas/engine_process.py); 'thread' in a thread of the replica, which "
+        "remote experts need (the child is no Ray worker and cannot call the shards); 'auto' takes 'process' "
+        "when the experts are in-process and 'thread' otherwise. The Python LLM API always steps in its caller.",
     )
     seed: int = Field(0, description="Seed of the generator used by sampled requests that set no seed.")
 

@@ -27,7 +27,7 @@ def test_heavy_ops_stay_narrow_while_a_caller_waits_for_its_first_token(mixtral_
     assert len(tokens) == 32 and len(seen) >= 32
     assert seen[0] == 1  # the prompt's step: its caller was waiting for the first token
     assert seen[-1] == 2  # later decode steps: nobody waiting, the LM head on two threads
-    assert engine._awaiting_first == 0  # the count comes back down once the request ends
+    assert engine.loop.no_output_yet == set()  # the request left the waiting set with its first output
     want = llm.generate([[1, 415, 2936, 9060]], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
     assert tokens == want.token_ids
 
@@ -37,27 +37,39 @@ def test_a_rejected_or_abandoned_request_stops_counting_as_waiting(mixtral_dir):
 
     from mixserve.errors import InvalidRequestError
 
-    engine = AsyncEngine(LLM(mixtral_dir, max_model_len=256, max_num_seqs=4).engine)
+    # One cache slot: a second request queues behind the first and produces nothing until it ends.
+    engine = AsyncEngine(LLM(mixtral_dir, max_model_len=256, max_num_seqs=1, max_num_batched_tokens=64).engine)
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
 
     async def rejected() -> None:
         async for _ in engine.generate([], SamplingParams(max_tokens=4)):
             pass
 
     async def abandoned() -> None:
-        stream = engine.generate([1, 415], SamplingParams(max_tokens=64, ignore_eos=True))
-        task = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0)  # the request is posted and counted
-        assert engine._awaiting_first == 1
+        running = engine.generate([1, 415], long)
+        await running.__anext__()  # the first request holds the only slot
+        queued = engine.generate([1, 2936], long)
+        task = asyncio.ensure_future(queued.__anext__())
+        for _ in range(500):  # the step loop picks the command up between steps
+            if len(engine.loop.no_output_yet) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert len(engine.loop.no_output_yet) == 1  # queued, no output yet: heavy ops stay narrow
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await stream.aclose()
+        await queued.aclose()
+        await running.aclose()
 
     try:
         with pytest.raises(InvalidRequestError):
             asyncio.run(rejected())
-        assert engine._awaiting_first == 0
+        assert engine.loop.no_output_yet == set()
         asyncio.run(abandoned())
-        assert engine._awaiting_first == 0
+        for _ in range(500):
+            if engine.stats()["free_slots"] == 1 and not engine.loop.no_output_yet:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.loop.no_output_yet == set() and engine.stats()["free_slots"] == 1
     finally:
         engine.shutdown()
