@@ -43,6 +43,8 @@ class EngineFront:
     """The callers' side: request queues on their event loops, and deliveries into them.
     Subclasses post commands to wherever their step loop runs."""
 
+    alive = True  # False once the step loop is gone for good (ProcessEngine: its child exited)
+
     def __init__(self) -> None:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()

@@ -109,7 +109,7 @@ class AttentionReplica:
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine process exited is replaced."""
-        if not getattr(self.engine, "alive", True):
+        if not self.engine.alive:
             raise RuntimeError("the engine process has exited")
 
     @classmethod

@@ -138,11 +138,7 @@ class _PipeOutbox:
         self._results.send(("outputs", outputs, stats))
 
     def error(self, request_id: str, error: Exception) -> None:
-        try:
-            pickle.dumps(error)
-        except Exception:  # noqa: BLE001 - an error that cannot cross reaches the caller as text
-            error = EngineStepError(f"{type(error).__name__}: {error}")
-        self._results.send(("error", request_id, error))
+        self._results.send(("error", request_id, _crossable(error, EngineStepError)))
 
     def stats(self, stats) -> None:
         self._results.send(("stats", stats))
@@ -162,7 +158,7 @@ def _child_main(commands_fd: int, results_fd: int) -> int:
     except EOFError:
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        results.send(("startup_error", exc if _pickles(exc) else EngineProcessError(f"{type(exc).__name__}: {exc}")))
+        results.send(("startup_error", _crossable(exc, EngineProcessError)))
         return 1
     loop = StepLoop(engine, _PipeOutbox(results))
     results.send(("ready", source.report(), loop.read_stats()))
@@ -185,12 +181,13 @@ def _child_main(commands_fd: int, results_fd: int) -> int:
     return 0
 
 
-def _pickles(obj) -> bool:
+def _crossable(error: Exception, wrapper: type[Exception]) -> Exception:
+    """`error` if it pickles, else a `wrapper` carrying its text (it must reach the caller)."""
     try:
-        pickle.dumps(obj)
-        return True
+        pickle.dumps(error)
+        return error
     except Exception:  # noqa: BLE001
-        return False
+        return wrapper(f"{type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

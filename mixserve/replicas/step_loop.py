@@ -80,8 +80,9 @@ class StepLoop:
             log.exception("engine step failed; failing the requests in flight")
             self.fail_all(EngineStepError(f"generation failed and can be retried: {exc}"))
             return
-        for out in outputs:
-            self.no_output_yet.discard(out.request_id)
+        if self.no_output_yet:  # empty on most decode steps: nothing to scan
+            for out in outputs:
+                self.no_output_yet.discard(out.request_id)
         self.outbox.outputs(outputs, self.read_stats())
 
     def fail_all(self, error: Exception) -> None:
