@@ -45,7 +45,10 @@ class SdpaBackend:
         n_dec = meta.n_decode
         if n_dec:
             out[:n_dec] = self._decode(layer, q[:n_dec], k[:n_dec], v[:n_dec], meta, cache)
-        for p in meta.prefills:
+        for g in meta.fresh_groups:
+            attended = self._fresh_prompts(layer, q, k, v, g, cache)  # [B * C, H, Dh]
+            out[g.step_rows] = attended if g.padded_rows is None else attended[g.padded_rows]
+        for p in meta.single_prefills:
             rows = slice(p.token_offset, p.token_offset + p.length)
             out[rows] = self._prefill(layer, q[rows], k[rows], v[rows], p, cache)
         return out
@@ -64,6 +67,19 @@ class SdpaBackend:
         grouped = q.view(bd, kv, h // kv, dh)  # [Bd, KV, G, Dh]
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask)
         return out.reshape(bd, h, dh)
+
+    @staticmethod
+    def _fresh_prompts(layer, q, k, v, g, cache):
+        # B = prompts in the group, C = the longest (shorter ones padded at the end)
+        rows = g.step_rows if g.gather is None else g.gather
+        b, c = g.slots.shape[0], g.length
+        qh = q[rows].view(b, c, *q.shape[1:]).transpose(1, 2)  # [B, H, C, Dh]
+        kh = k[rows].view(b, c, *k.shape[1:]).transpose(1, 2)  # [B, KV, C, Dh]
+        vh = v[rows].view(b, c, *v.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)  # [B, H, C, Dh]
+        cache.k[layer][g.slots, :, :c] = kh  # positions 0..C-1 sit at cache indices 0..C-1 (C <= W)
+        cache.v[layer][g.slots, :, :c] = vh
+        return out.transpose(1, 2).reshape(b * c, *q.shape[1:])
 
     @staticmethod
     def _prefill(layer, q, k, v, p, cache):

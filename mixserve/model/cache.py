@@ -30,7 +30,7 @@ overhead, and a 512-token prompt under a 64-token window would otherwise take 8 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,6 +65,30 @@ class PrefillMeta:
 
 
 @dataclass
+class FreshPrefillGroup:
+    """Prompts that start at position 0 and fit in the window: nothing cached, so each one's
+    attention is plain causal attention over its own tokens. Why a group: on CPUs one SDPA call
+    per prompt costs ~130 us whatever its size (16 prompts of 64 tokens: ~8 ms of a tiny-mixtral
+    step over its 4 layers), so a burst of new prompts is attended as one batch [B, C, ...]
+    padded at the end to C, the longest. Measured on the 2-core CI machine, interleaved A/B: a
+    step of 16 such prompts 72-78 -> 66-71 ms, of 8 prompts 46.6 -> 42.2 ms. Padding is exact: under causal attention a real query never sees a later,
+    padded key. Pad keys land in cache indices past their prompt's end, which nothing reads
+    before it is overwritten (a decode writes its position before reading it; a later chunk
+    reads only the first min(start, W) entries).
+
+    Worked example: step rows 0-1 decode, then prompts of 3 and 2 tokens in slots 5 and 7:
+      slots [5, 7], length 3, gather [2, 3, 4, 5, 6, 6] (the pad repeats the last real row),
+      step_rows [2, 3, 4, 5, 6], padded_rows [0, 1, 2, 3, 4].
+    """
+
+    slots: torch.Tensor  # [B] long
+    length: int  # C: the longest prompt of the group
+    step_rows: slice | torch.Tensor  # the group's real rows in the step; a slice when they are [B * C] contiguous rows
+    gather: torch.Tensor | None  # [B * C] long: the step row behind each padded row; None when step_rows is a slice
+    padded_rows: torch.Tensor | None  # [N] long: where each real row sits in the padded batch; None: all of it
+
+
+@dataclass
 class StepMetadata:
     """Everything attention needs for one step, computed once and reused by every layer."""
 
@@ -74,7 +98,11 @@ class StepMetadata:
     decode_write_index: torch.Tensor  # [Bd] long: position % W
     decode_kv_len: int  # L: cache entries worth reading (the longest live prefix of any slot)
     decode_mask: torch.Tensor  # [Bd, 1, 1, L] bool
-    prefills: list[PrefillMeta]
+    prefills: list[PrefillMeta]  # every prefill chunk of the step
+    # The same chunks, split for backends that batch fresh prompts (SDPA): groups of fresh
+    # prompts attended as one padded batch, and the chunks attended one by one.
+    fresh_groups: list[FreshPrefillGroup] = field(default_factory=list)
+    single_prefills: list[PrefillMeta] = field(default_factory=list)
 
 
 def build_step_metadata(
@@ -103,6 +131,7 @@ def build_step_metadata(
         prefill_meta.append(_prefill_meta(c, offset, window, device, dtype))
         offset += c.length
 
+    fresh_groups, single_prefills = _group_fresh_prompts(prefill_meta, window, device)
     return StepMetadata(
         positions=positions_t.to(device),
         n_decode=n_decode,
@@ -111,7 +140,45 @@ def build_step_metadata(
         decode_kv_len=kv_len,
         decode_mask=decode_mask[:, None, None, :].to(device),
         prefills=prefill_meta,
+        fresh_groups=fresh_groups,
+        single_prefills=single_prefills,
     )
+
+
+def _group_fresh_prompts(
+    prefills: list[PrefillMeta], window: int, device: torch.device | str
+) -> tuple[list[FreshPrefillGroup], list[PrefillMeta]]:
+    """Groups fresh prompts (start 0, at most W tokens) longest first while the longest is at
+    most twice a member's length, so padding at most doubles any prompt's attention work;
+    everything else, and groups of one, stay single."""
+    fresh = sorted((p for p in prefills if p.start == 0 and p.length <= window), key=lambda p: -p.length)
+    runs: list[list[PrefillMeta]] = []
+    for p in fresh:
+        if runs and runs[-1][0].length <= 2 * p.length:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    grouped = {id(p) for run in runs if len(run) > 1 for p in run}
+    singles = [p for p in prefills if id(p) not in grouped]
+    return [_fresh_group(run, device) for run in runs if len(run) > 1], singles
+
+
+def _fresh_group(run: list[PrefillMeta], device: torch.device | str) -> FreshPrefillGroup:
+    run = sorted(run, key=lambda p: p.token_offset)  # step order: equal lengths in a row need no gather
+    c = max(p.length for p in run)
+    slots = torch.tensor([p.slot for p in run], dtype=torch.long, device=device)
+    first = run[0].token_offset
+    if all(p.length == c and p.token_offset == first + i * c for i, p in enumerate(run)):
+        return FreshPrefillGroup(slots, c, slice(first, first + c * len(run)), None, None)
+    gather, step_rows, padded_rows = [], [], []
+    for i, p in enumerate(run):
+        own = list(range(p.token_offset, p.token_offset + p.length))
+        gather += own + [own[-1]] * (c - p.length)
+        step_rows += own
+        padded_rows += range(i * c, i * c + p.length)
+    step_rows_t, gather_t, padded_rows_t = (torch.tensor(xs, dtype=torch.long, device=device)
+                                            for xs in (step_rows, gather, padded_rows))
+    return FreshPrefillGroup(slots, c, step_rows_t, gather_t, padded_rows_t)
 
 
 def _prefill_meta(

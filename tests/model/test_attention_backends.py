@@ -1,11 +1,15 @@
-"""Backend selection everywhere; flash-attn against SDPA where a GPU is present."""
+"""Backend selection everywhere; SDPA's grouped fresh prompts against one call each;
+flash-attn against SDPA where a GPU is present."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from mixserve.model.attention_backends import SdpaBackend, make_backend
+from mixserve.model.cache import SequenceChunk, build_step_metadata
 
 CUDA = torch.cuda.is_available()
 
@@ -26,6 +30,34 @@ def test_auto_is_sdpa_on_cpu_and_for_float32():
 def test_impossible_backends_are_refused_with_a_reason(name, device, dtype, needle):
     with pytest.raises(ValueError, match=needle):
         make_backend(name, device, dtype)
+
+
+def test_grouped_fresh_prompts_attend_and_cache_exactly_as_one_call_each():
+    gen = torch.Generator().manual_seed(0)
+    window, n_heads, n_kv, head_dim = 8, 4, 2, 16
+    chunks = [SequenceChunk(0, 11, 1),  # a decode over a wrapped cache
+              SequenceChunk(1, 0, 5), SequenceChunk(2, 3, 4),  # fresh, then a continued prompt
+              SequenceChunk(3, 0, 4), SequenceChunk(4, 0, 5), SequenceChunk(5, 0, 8)]  # fresh, padded to 8
+    meta = build_step_metadata(chunks, window)
+    assert [g.slots.tolist() for g in meta.fresh_groups] == [[1, 3, 4, 5]]  # the case under test
+    one_by_one = dataclasses.replace(meta, fresh_groups=[], single_prefills=meta.prefills)
+    t = sum(c.length for c in chunks)
+    q, k, v = (torch.randn(t, heads, head_dim, generator=gen) for heads in (n_heads, n_kv, n_kv))
+
+    class Pool:  # the backend reads k, v and window
+        def __init__(self):
+            self.k, self.v = (torch.randn(1, 6, n_kv, window, head_dim, generator=gen) for _ in range(2))
+            self.window = window
+
+    grouped_cache, single_cache = Pool(), Pool()
+    single_cache.k, single_cache.v = grouped_cache.k.clone(), grouped_cache.v.clone()
+    got = SdpaBackend()(0, q, k, v, meta, grouped_cache)
+    want = SdpaBackend()(0, q, k, v, one_by_one, single_cache)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for c in chunks:  # every position a sequence holds; pads only past a fresh prompt's end
+        held = slice(0, window) if c.start else slice(0, c.length)
+        for a, b in ((grouped_cache.k, single_cache.k), (grouped_cache.v, single_cache.v)):
+            torch.testing.assert_close(a[0, c.slot, :, held], b[0, c.slot, :, held], rtol=0, atol=0)
 
 
 @pytest.mark.gpu

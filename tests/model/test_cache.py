@@ -106,3 +106,28 @@ def test_every_metadata_tensor_lives_on_the_requested_device():
     tensors = [meta.positions, meta.decode_slots, meta.decode_write_index, meta.decode_mask]
     tensors += [t for p in meta.prefills for t in (p.mask, p.bias, p.write_index)]
     assert all(t.device.type == "meta" for t in tensors)
+
+
+def test_fresh_prompts_group_as_the_worked_example_says():
+    # mixserve.model.cache.FreshPrefillGroup: 2 decodes, then fresh prompts of 3 and 2 tokens.
+    meta = build_step_metadata([SequenceChunk(0, 9, 1), SequenceChunk(1, 4, 1), SequenceChunk(5, 0, 3),
+                                SequenceChunk(7, 0, 2)], window=4)
+    (group,) = meta.fresh_groups
+    assert meta.single_prefills == [] and len(meta.prefills) == 2
+    assert group.slots.tolist() == [5, 7] and group.length == 3
+    assert group.gather.tolist() == [2, 3, 4, 5, 6, 6]
+    assert group.step_rows.tolist() == [2, 3, 4, 5, 6] and group.padded_rows.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_only_fresh_prompts_within_twice_each_others_length_group():
+    chunks = [SequenceChunk(0, 0, 4), SequenceChunk(1, 0, 4),  # equal and adjacent: a plain slice
+              SequenceChunk(2, 5, 4),  # continues a prompt: attends to its cache, alone
+              SequenceChunk(3, 0, 9),  # longer than the window: needs the window mask, alone
+              SequenceChunk(4, 0, 2),  # the longest of its group (6) would be over twice its length
+              SequenceChunk(5, 0, 3), SequenceChunk(6, 0, 6)]
+    meta = build_step_metadata(chunks, window=8)
+    assert [g.slots.tolist() for g in meta.fresh_groups] == [[0, 1, 5, 6]]  # in step order
+    assert meta.fresh_groups[0].length == 6
+    assert [p.slot for p in meta.single_prefills] == [2, 3, 4]
+    equal = build_step_metadata(chunks[:2], window=8).fresh_groups[0]
+    assert equal.step_rows == slice(0, 8) and equal.gather is None and equal.padded_rows is None

@@ -30,6 +30,20 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(mixtral_dir):
             assert max(abs(a[t] - b[t]) for t in a) < 1e-4
 
 
+def test_fresh_prompts_attended_as_one_padded_batch_give_what_each_gets_alone(mixtral_dir):
+    # One step admits all five (window 16): 16, 12, 9 and 7, 5 form two padded groups
+    # (mixserve.model.cache.FreshPrefillGroup); alone, each prompt is attended by itself.
+    llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64)
+    prompts = [random_prompt(n, seed) for seed, n in enumerate([5, 16, 9, 12, 7])]
+    p = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=True, **GREEDY)
+    together = llm.generate(prompts, p)
+    for prompt, out in zip(prompts, together):
+        alone = llm.generate([prompt], p)[0]
+        assert out.token_ids == alone.token_ids
+        for a, b in zip(out.prompt_logprobs[1:] + out.logprobs, alone.prompt_logprobs[1:] + alone.logprobs):
+            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) < 1e-5
+
+
 @pytest.mark.parametrize("micro_batches", [2, 3])
 def test_ping_pong_micro_batches_change_nothing_in_the_results(mixtral_dir, micro_batches):
     prompts = [random_prompt(n, seed) for seed, n in enumerate([3, 57, 17, 30, 90, 2])]
