@@ -22,6 +22,7 @@ from mixserve.expert_shards.channel import ShardServer
 from mixserve.expert_shards.dispatch import ShardReply, ShardRequest, ShardUnavailableError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
+from mixserve.model.allocator import keep_freed_memory
 from mixserve.model.weights_source import WeightsSource
 
 
@@ -52,6 +53,7 @@ class ExpertShardActor:
                  moe_kernel: str = "torch"):
         if num_threads:
             torch.set_num_threads(num_threads)
+        keep_freed_memory()  # token groups' temporaries reuse the heap (mixserve/model/allocator.py)
         self._shard = ExpertShard(shard_id, checkpoint, experts, dtype, moe_kernel)
         # add_expert publishes a new expert only after its weights are in place, so the
         # channel's thread may compute while Ray's thread loads.

@@ -21,6 +21,7 @@ from mixserve.model import (
     build_step_metadata,
     load_model,
 )
+from mixserve.model.allocator import keep_freed_memory
 from mixserve.model.attention_backends import make_backend
 from mixserve.model.factory import DTYPES
 from mixserve.model.weights_source import WeightsSource, as_weights_source
@@ -38,6 +39,7 @@ WIDE_STEP_TOKENS = 64
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig):
+        keep_freed_memory()  # the process's step temporaries reuse its heap (mixserve/model/allocator.py)
         self.model = model
         self.args: ModelArgs = model.args
         self.tokenizer = tokenizer
