@@ -1,5 +1,5 @@
 """Keeps a compute process's freed memory for reuse (glibc malloc), so a step's temporaries
-never come from fresh pages.
+come from its heap instead of fresh pages.
 
 Why: glibc serves allocations above its mmap threshold (128 KiB at start, then adjusted by what
 the process happens to free) with fresh mmap'd pages and unmaps them on free, so every such
@@ -13,8 +13,11 @@ processes and in none of 27 tuned ones (otherwise the two are equal within the m
 
 This is what PyTorch's CPU tuning guide gets by preloading tcmalloc or jemalloc; glibc's own
 mallopt needs no extra library or LD_PRELOAD, which a Ray worker cannot be given after start.
-The cost is memory the process keeps after a peak instead of returning it, bounded by its
-largest step: right for a long-lived engine or shard, which reaches that peak again soon.
+The cost is memory the process keeps after a peak instead of returning it (up to the trim
+threshold at the heap's top, more where the heap fragments): right for a long-lived engine or
+shard, which reaches that peak again soon. It is process-wide, so the Python LLM API applies it
+to its caller's process too. Allocations above the mmap threshold (a prompt's logits when
+prompt_logprobs are asked for, the weights, the cache pool) are still mapped afresh.
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# Allocations up to this size come from the heap: above every temporary of a step of the
-# models served here, below the weights and caches (allocated once, still mmap'd).
+# Allocations up to this size come from the heap: the activations and attention temporaries
+# of a step; the weights and the cache pool (allocated once) stay mapped.
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's upper bound for this setting on 64-bit systems
-TRIM_THRESHOLD_BYTES = 256 << 20  # free memory kept at the top of the heap before returning any
+TRIM_THRESHOLD_BYTES = 256 << 20  # free memory at the heap's top before glibc returns any
 
 _done = False
 
@@ -42,10 +46,11 @@ def keep_freed_memory() -> bool:
     global _done
     if _done:
         return True
+    if not is_glibc():  # musl, macOS: another allocator, other settings
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator behaves otherwise
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
@@ -53,3 +58,10 @@ def keep_freed_memory() -> bool:
         return False
     _done = True
     return True
+
+
+def is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):  # no such name here: not glibc
+        return False

@@ -30,7 +30,7 @@ overhead, and a 512-token prompt under a 64-token window would otherwise take 8 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -71,8 +71,8 @@ class FreshPrefillGroup:
     per prompt costs ~130 us whatever its size (16 prompts of 64 tokens: ~8 ms of a tiny-mixtral
     step over its 4 layers), so a burst of new prompts is attended as one batch [B, C, ...]
     padded at the end to C, the longest. Measured on the 2-core CI machine, interleaved A/B: a
-    step of 16 such prompts 72-78 -> 66-71 ms, of 8 prompts 46.6 -> 42.2 ms. Padding is exact: under causal attention a real query never sees a later,
-    padded key. Pad keys land in cache indices past their prompt's end, which nothing reads
+    step of 16 such prompts 72-78 -> 66-71 ms, of 8 prompts 46.6 -> 42.2 ms. Padding is exact:
+    under causal attention a real query never sees a later, padded key. Pad keys land in cache indices past their prompt's end, which nothing reads
     before it is overwritten (a decode writes its position before reading it; a later chunk
     reads only the first min(start, W) entries).
 
@@ -83,9 +83,11 @@ class FreshPrefillGroup:
 
     slots: torch.Tensor  # [B] long
     length: int  # C: the longest prompt of the group
-    step_rows: slice | torch.Tensor  # the group's real rows in the step; a slice when they are [B * C] contiguous rows
-    gather: torch.Tensor | None  # [B * C] long: the step row behind each padded row; None when step_rows is a slice
-    padded_rows: torch.Tensor | None  # [N] long: where each real row sits in the padded batch; None: all of it
+    # The group's real rows in the step: a slice when they are B * C contiguous rows (equal
+    # lengths, adjacent), which the padded batch then is as it stands.
+    step_rows: slice | torch.Tensor
+    gather: torch.Tensor | None  # [B * C] long: the step row behind each padded row; None with a slice
+    padded_rows: torch.Tensor | None  # [N] long: where each real row sits in the padded batch; None: all rows are real
 
 
 @dataclass
@@ -101,8 +103,8 @@ class StepMetadata:
     prefills: list[PrefillMeta]  # every prefill chunk of the step
     # The same chunks, split for backends that batch fresh prompts (SDPA): groups of fresh
     # prompts attended as one padded batch, and the chunks attended one by one.
-    fresh_groups: list[FreshPrefillGroup] = field(default_factory=list)
-    single_prefills: list[PrefillMeta] = field(default_factory=list)
+    fresh_groups: list[FreshPrefillGroup]
+    single_prefills: list[PrefillMeta]
 
 
 def build_step_metadata(
@@ -149,8 +151,9 @@ def _group_fresh_prompts(
     prefills: list[PrefillMeta], window: int, device: torch.device | str
 ) -> tuple[list[FreshPrefillGroup], list[PrefillMeta]]:
     """Groups fresh prompts (start 0, at most W tokens) longest first while the longest is at
-    most twice a member's length, so padding at most doubles any prompt's attention work;
-    everything else, and groups of one, stay single."""
+    most twice a member's length, so padding at most quadruples a prompt's attention scores
+    (C^2 against its own L^2), little beside the per-call cost it saves; everything else, and
+    groups of one, stay single."""
     fresh = sorted((p for p in prefills if p.start == 0 and p.length <= window), key=lambda p: -p.length)
     runs: list[list[PrefillMeta]] = []
     for p in fresh:
@@ -170,14 +173,15 @@ def _fresh_group(run: list[PrefillMeta], device: torch.device | str) -> FreshPre
     first = run[0].token_offset
     if all(p.length == c and p.token_offset == first + i * c for i, p in enumerate(run)):
         return FreshPrefillGroup(slots, c, slice(first, first + c * len(run)), None, None)
+    equal = all(p.length == c for p in run)  # rows apart, but no padding
     gather, step_rows, padded_rows = [], [], []
     for i, p in enumerate(run):
         own = list(range(p.token_offset, p.token_offset + p.length))
         gather += own + [own[-1]] * (c - p.length)
         step_rows += own
         padded_rows += range(i * c, i * c + p.length)
-    step_rows_t, gather_t, padded_rows_t = (torch.tensor(xs, dtype=torch.long, device=device)
-                                            for xs in (step_rows, gather, padded_rows))
+    step_rows_t, gather_t = (torch.tensor(xs, dtype=torch.long, device=device) for xs in (step_rows, gather))
+    padded_rows_t = None if equal else torch.tensor(padded_rows, dtype=torch.long, device=device)
     return FreshPrefillGroup(slots, c, step_rows_t, gather_t, padded_rows_t)
 
 

@@ -37,16 +37,18 @@ def test_grouped_fresh_prompts_attend_and_cache_exactly_as_one_call_each():
     window, n_heads, n_kv, head_dim = 8, 4, 2, 16
     chunks = [SequenceChunk(0, 11, 1),  # a decode over a wrapped cache
               SequenceChunk(1, 0, 5), SequenceChunk(2, 3, 4),  # fresh, then a continued prompt
-              SequenceChunk(3, 0, 4), SequenceChunk(4, 0, 5), SequenceChunk(5, 0, 8)]  # fresh, padded to 8
+              SequenceChunk(3, 0, 4), SequenceChunk(4, 0, 5), SequenceChunk(5, 0, 8),  # fresh, padded to 8
+              SequenceChunk(6, 0, 2), SequenceChunk(7, 0, 2)]  # equal and adjacent: a group that is a slice
     meta = build_step_metadata(chunks, window)
-    assert [g.slots.tolist() for g in meta.fresh_groups] == [[1, 3, 4, 5]]  # the case under test
+    assert [g.slots.tolist() for g in meta.fresh_groups] == [[1, 3, 4, 5], [6, 7]]  # the cases under test
+    assert meta.fresh_groups[1].gather is None
     one_by_one = dataclasses.replace(meta, fresh_groups=[], single_prefills=meta.prefills)
     t = sum(c.length for c in chunks)
     q, k, v = (torch.randn(t, heads, head_dim, generator=gen) for heads in (n_heads, n_kv, n_kv))
 
     class Pool:  # the backend reads k, v and window
         def __init__(self):
-            self.k, self.v = (torch.randn(1, 6, n_kv, window, head_dim, generator=gen) for _ in range(2))
+            self.k, self.v = (torch.randn(1, 8, n_kv, window, head_dim, generator=gen) for _ in range(2))
             self.window = window
 
     grouped_cache, single_cache = Pool(), Pool()

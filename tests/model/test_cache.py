@@ -106,6 +106,9 @@ def test_every_metadata_tensor_lives_on_the_requested_device():
     tensors = [meta.positions, meta.decode_slots, meta.decode_write_index, meta.decode_mask]
     tensors += [t for p in meta.prefills for t in (p.mask, p.bias, p.write_index)]
     assert all(t.device.type == "meta" for t in tensors)
+    padded = build_step_metadata([SequenceChunk(0, 0, 3), SequenceChunk(1, 0, 2)], window=4, device="meta")
+    (group,) = padded.fresh_groups
+    assert all(t.device.type == "meta" for t in (group.slots, group.step_rows, group.gather, group.padded_rows))
 
 
 def test_fresh_prompts_group_as_the_worked_example_says():
@@ -131,3 +134,5 @@ def test_only_fresh_prompts_within_twice_each_others_length_group():
     assert [p.slot for p in meta.single_prefills] == [2, 3, 4]
     equal = build_step_metadata(chunks[:2], window=8).fresh_groups[0]
     assert equal.step_rows == slice(0, 8) and equal.gather is None and equal.padded_rows is None
+    apart = build_step_metadata([chunks[0], chunks[2], chunks[1]], window=8).fresh_groups[0]  # equal, not adjacent
+    assert apart.gather.tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and apart.padded_rows is None

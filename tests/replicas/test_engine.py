@@ -41,7 +41,7 @@ def test_fresh_prompts_attended_as_one_padded_batch_give_what_each_gets_alone(mi
         alone = llm.generate([prompt], p)[0]
         assert out.token_ids == alone.token_ids
         for a, b in zip(out.prompt_logprobs[1:] + out.logprobs, alone.prompt_logprobs[1:] + alone.logprobs):
-            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) < 1e-5
+            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) < 1e-4
 
 
 @pytest.mark.parametrize("micro_batches", [2, 3])
