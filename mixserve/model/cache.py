@@ -72,9 +72,10 @@ class FreshPrefillGroup:
     step over its 4 layers), so a burst of new prompts is attended as one batch [B, C, ...]
     padded at the end to C, the longest. Measured on the 2-core CI machine, interleaved A/B: a
     step of 16 such prompts 72-78 -> 66-71 ms, of 8 prompts 46.6 -> 42.2 ms. Padding is exact:
-    under causal attention a real query never sees a later, padded key. Pad keys land in cache indices past their prompt's end, which nothing reads
-    before it is overwritten (a decode writes its position before reading it; a later chunk
-    reads only the first min(start, W) entries).
+    under causal attention a real query never sees a later, padded key. Pad keys land in cache
+    indices past their prompt's end, which nothing reads before it is overwritten (a decode
+    writes its position before reading it; a later chunk reads only the first min(start, W)
+    entries).
 
     Worked example: step rows 0-1 decode, then prompts of 3 and 2 tokens in slots 5 and 7:
       slots [5, 7], length 3, gather [2, 3, 4, 5, 6, 6] (the pad repeats the last real row),
