@@ -1,0 +1,85 @@
+"""FrontDoor.open_choices: the n choices of a request start together, and a failing choice
+ends the others. The generations here are stand-ins at the `open_generation` seam (the real
+ones run through Serve in test_front_door.py); they record when each choice is first read."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mixserve.platform.front_door import ApiError, Caller, FrontDoor
+from mixserve.replicas.deployment import GenerateError
+from mixserve.replicas.sampling_params import SamplingParams
+from mixserve.replicas.sequence import RequestOutput
+
+
+class Generation:
+    """One choice. Like an in-process generation, it reaches the engine only when first read;
+    it answers once every choice of the request has been read (the engine batching their
+    prefills into one step), or with `error`."""
+
+    def __init__(self, index: int, everyone_started: asyncio.Event, started: list[int], n: int,
+                 error: GenerateError | None = None):
+        self.index, self.everyone_started, self.started, self.n, self.error = index, everyone_started, started, n, error
+        self.cancelled = False
+        self.read = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.read:
+            raise StopAsyncIteration
+        self.read = True
+        self.started.append(self.index)
+        if len(self.started) == self.n:
+            self.everyone_started.set()
+        if self.error is not None:
+            return self.error
+        await self.everyone_started.wait()
+        return RequestOutput(f"r{self.index}", [1, 2], [7], "x", [7], "x", True, "length", None, None)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def door_with(mixtral_dir, n: int, failing: int | None = None) -> tuple[FrontDoor, list[Generation]]:
+    generations: list[Generation] = []
+    everyone_started, started = asyncio.Event(), []
+
+    def open_generation(request) -> Generation:
+        i = len(generations)
+        error = GenerateError("invalid_request", "bad choice", "prompt") if i == failing else None
+        generations.append(Generation(i, everyone_started, started, n, error))
+        return generations[-1]
+
+    door = FrontDoor(open_generation, ledger=None, router=None, model_name="tiny", checkpoint=mixtral_dir,
+                     tenants=[], first_output_timeout_s=3.0)
+    return door, generations
+
+
+def test_every_choice_starts_before_any_first_output_is_awaited(mixtral_dir):
+    async def scenario():
+        door, generations = door_with(mixtral_dir, n=3)
+        choices = await door.open_choices(Caller("a"), [1, 2], SamplingParams(max_tokens=1), n=3, chat=False)
+        return choices, generations
+
+    # Read one by one, choice 0 would wait for choices 1 and 2 to start, which only start after
+    # it answers: the request would time out with a 503 instead.
+    choices, generations = asyncio.run(scenario())
+    assert [g.read for g in generations] == [True, True, True]
+    assert [first.request_id for first in choices._firsts] == ["r0", "r1", "r2"]
+    assert not any(g.cancelled for g in generations)
+
+
+def test_a_failing_choice_ends_the_others_with_its_error(mixtral_dir):
+    async def scenario():
+        door, generations = door_with(mixtral_dir, n=3, failing=1)
+        with pytest.raises(ApiError) as raised:
+            await door.open_choices(Caller("a"), [1, 2], SamplingParams(max_tokens=1), n=3, chat=False)
+        return raised.value, generations
+
+    error, generations = asyncio.run(scenario())
+    assert error.status == 400 and "bad choice" in error.message
+    assert all(g.cancelled for g in generations)
