@@ -85,17 +85,50 @@ class SdpaBackend:
     def _prefill(layer, q, k, v, p, cache):
         # C = chunk tokens, Lc = cached entries, KV = key/value heads
         k_slot, v_slot = cache.k[layer, p.slot], cache.v[layer, p.slot]  # [KV, W, Dh]
-        keys = torch.cat([k_slot[:, : p.cached_len], k.transpose(0, 1)], dim=1)  # [KV, Lc+C, Dh]
-        values = torch.cat([v_slot[:, : p.cached_len], v.transpose(0, 1)], dim=1)
-        # 4-D with enable_gqa: SDPA's CPU flash kernel reads each KV head for its H/KV query
-        # heads without copying it (3-D inputs fall back to the math path, ~4x slower here).
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=p.bias, enable_gqa=True
-        )  # [1, H, C, Dh]
+        if p.blocks is not None:
+            out = SdpaBackend._prefill_blocks(q, k, v, p, k_slot, v_slot)
+        else:
+            keys = torch.cat([k_slot[:, : p.cached_len], k.transpose(0, 1)], dim=1)  # [KV, Lc+C, Dh]
+            values = torch.cat([v_slot[:, : p.cached_len], v.transpose(0, 1)], dim=1)
+            # 4-D with enable_gqa: SDPA's CPU flash kernel reads each KV head for its H/KV query
+            # heads without copying it (3-D inputs fall back to the math path, ~4x slower here).
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[None], values[None], attn_mask=p.bias, enable_gqa=True
+            )[0].transpose(0, 1)  # [C, H, Dh]
         # Write after attending: the chunk's own writes may overwrite entries its first queries need.
         k_slot.index_copy_(1, p.write_index, k[p.write_from :].transpose(0, 1))
         v_slot.index_copy_(1, p.write_index, v[p.write_from :].transpose(0, 1))
-        return out[0].transpose(0, 1)
+        return out
+
+    @staticmethod
+    def _prefill_blocks(q, k, v, p, k_slot, v_slot):
+        """A chunk of 2W tokens or more in W-query blocks (mixserve.model.cache.WindowBlocks):
+        the first over the cache, the full ones after it as one batch, then the partial last."""
+        # N = full blocks after the first, R = queries in the partial last block
+        w, n, r = p.window, p.blocks.n_band, p.blocks.n_tail
+        heads, dh = q.shape[1], q.shape[2]
+        out = torch.empty_like(q)  # [C, H, Dh]
+        kc, vc = k.transpose(0, 1), v.transpose(0, 1)  # [KV, C, Dh]
+        keys = torch.cat([k_slot[:, : p.cached_len], kc[:, :w]], dim=1)  # [KV, Lc + W, Dh]
+        values = torch.cat([v_slot[:, : p.cached_len], vc[:, :w]], dim=1)
+        out[:w] = F.scaled_dot_product_attention(
+            q[:w].transpose(0, 1)[None], keys[None], values[None], attn_mask=p.blocks.head_bias, enable_gqa=True
+        )[0].transpose(0, 1)
+        # Block b's keys are chunk rows bW - W + 1 .. bW + W - 1: windows of 2W - 1 rows every W rows.
+        span = slice(1, (n + 1) * w)
+        kb = kc[:, span].unfold(1, 2 * w - 1, w).permute(1, 0, 3, 2)  # [N, KV, 2W - 1, Dh]
+        vb = vc[:, span].unfold(1, 2 * w - 1, w).permute(1, 0, 3, 2)
+        qb = q[w:(n + 1) * w].view(n, w, heads, dh).transpose(1, 2)  # [N, H, W, Dh]
+        out[w:(n + 1) * w] = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=p.blocks.band_bias, enable_gqa=True
+        ).transpose(1, 2).reshape(n * w, heads, dh)
+        if r:
+            first_key = (n + 1) * w - w + 1
+            out[(n + 1) * w:] = F.scaled_dot_product_attention(
+                q[(n + 1) * w:].transpose(0, 1)[None], kc[None, :, first_key:], vc[None, :, first_key:],
+                attn_mask=p.blocks.band_bias[:, :, :r, : w - 1 + r], enable_gqa=True,
+            )[0].transpose(0, 1)
+        return out
 
 
 class FlashAttentionBackend:

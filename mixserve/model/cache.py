@@ -47,6 +47,25 @@ class SequenceChunk:
 
 
 @dataclass
+class WindowBlocks:
+    """A chunk of at least 2W tokens, attended W queries at a time. Why: one call over the whole
+    chunk scores every query against all Lc + C keys although it may see only W of them; in W-query
+    blocks each scores at most 2W - 1 (tiny-mixtral, W = 64, a 512-token prompt: 4x fewer scores,
+    and SDPA had taken a quarter of the prefill step). The blocks after the first see no cache
+    and share one band mask, so they go as one batch; the first block also sees the cache, and a
+    last partial block takes the band mask's top-left corner.
+
+    Block b >= 1 holds queries [bW, bW + W) and keys [bW - W + 1, bW + W) of the chunk: query
+    bW + i sees the chunk's keys bW + i - W + 1 .. bW + i, columns i .. i + W - 1 of the block.
+    """
+
+    head_bias: torch.Tensor  # [1, 1, W, Lc + W]: the first W queries over the cache and the chunk's first W keys
+    band_bias: torch.Tensor  # [1, 1, W, 2W - 1]: 0 where column - row is in [0, W), -inf elsewhere
+    n_band: int  # full blocks after the first: C // W - 1
+    n_tail: int  # queries in the last, partial block: C % W
+
+
+@dataclass
 class PrefillMeta:
     """Derived tensors for one prefill chunk (attends to its cache, then writes itself)."""
 
@@ -57,11 +76,20 @@ class PrefillMeta:
     cached_len: int  # Lc = min(start, W) cache entries to attend to
     write_from: int  # max(0, C - W): the chunk rows from here on are written to the cache
     write_index: torch.Tensor  # [C - write_from] long: cache index of each written chunk position
-    mask: torch.Tensor  # [C, Lc + C] bool: True = may attend
-    # [1, 1, C, Lc + C] in the model's dtype: 0 where mask is True, -inf elsewhere. Why both: SDPA's
-    # CPU flash kernel takes an additive mask as it is but converts a boolean one on every call
-    # (measured 5x slower for a 512-token chunk), so the conversion happens once per step here.
-    bias: torch.Tensor
+    cached_pos: torch.Tensor  # [Lc] long: the position each cache index holds
+    window: int  # W
+    # [1, 1, C, Lc + C] in the model's dtype: 0 where `mask` is True, -inf elsewhere; None for a
+    # chunk attended in blocks. Why additive: SDPA's CPU flash kernel takes an additive mask as it
+    # is but converts a boolean one on every call (measured 5x slower for a 512-token chunk), so
+    # the conversion happens once per step here.
+    bias: torch.Tensor | None
+    blocks: WindowBlocks | None  # for a chunk of 2W tokens or more
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[C, Lc + C] bool: True where a query (row) may attend to a key (cache, then chunk)."""
+        query_pos = torch.arange(self.start, self.start + self.length, device=self.cached_pos.device)
+        return _window_mask(query_pos, torch.cat([self.cached_pos, query_pos]), self.window)
 
 
 @dataclass
@@ -194,11 +222,21 @@ def _prefill_meta(
     index = torch.arange(cached_len)
     cached_pos = c.start - 1 - torch.remainder(c.start - 1 - index, window)
     query_pos = torch.arange(c.start, c.start + c.length)
-    sees_cache = cached_pos[None, :] > query_pos[:, None] - window  # [C, Lc]
-    chunk_pos = query_pos
-    sees_chunk = (chunk_pos[None, :] <= query_pos[:, None]) & (chunk_pos[None, :] > query_pos[:, None] - window)
-    mask = torch.cat([sees_cache, sees_chunk], dim=1)  # every row sees at least its own token
     write_from = max(0, c.length - window)
+    bias = blocks = None
+    if c.length >= 2 * window:
+        head = query_pos[:window]
+        rows = torch.arange(window)
+        columns = torch.arange(2 * window - 1)
+        band = (columns[None, :] >= rows[:, None]) & (columns[None, :] < rows[:, None] + window)  # [W, 2W - 1]
+        blocks = WindowBlocks(
+            head_bias=_additive(_window_mask(head, torch.cat([cached_pos, head]), window), dtype, device),
+            band_bias=_additive(band, dtype, device),
+            n_band=c.length // window - 1,
+            n_tail=c.length % window,
+        )
+    else:
+        bias = _additive(_window_mask(query_pos, torch.cat([cached_pos, query_pos]), window), dtype, device)
     return PrefillMeta(
         slot=c.slot,
         token_offset=token_offset,
@@ -207,9 +245,22 @@ def _prefill_meta(
         cached_len=cached_len,
         write_from=write_from,
         write_index=torch.remainder(query_pos[write_from:], window).to(device),
-        mask=mask.to(device),
-        bias=torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[None, None].to(device),
+        cached_pos=cached_pos.to(device),
+        window=window,
+        bias=bias,
+        blocks=blocks,
     )
+
+
+def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[Q, K] bool: key position within the W positions up to the query's own (sliding window
+    and causal at once; every query sees at least itself)."""
+    return (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """[Q, K] bool -> [1, 1, Q, K] in dtype: 0 where True, -inf where False."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))[None, None].to(device)
 
 
 class RollingKVCache:

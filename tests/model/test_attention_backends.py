@@ -62,6 +62,37 @@ def test_grouped_fresh_prompts_attend_and_cache_exactly_as_one_call_each():
             torch.testing.assert_close(a[0, c.slot, :, held], b[0, c.slot, :, held], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("start,length", [(0, 16), (0, 21), (5, 16), (13, 27), (30, 35)])
+def test_a_chunk_of_several_windows_attends_in_blocks_exactly_as_the_whole_masked_chunk(start, length):
+    # W = 8: from 16 tokens on, the chunk is attended W queries at a time (WindowBlocks); the
+    # reference scores every query against the whole cache and chunk under the window mask.
+    gen = torch.Generator().manual_seed(start + length)
+    window, n_heads, n_kv, head_dim = 8, 4, 2, 16
+    meta = build_step_metadata([SequenceChunk(0, start, length)], window)
+    (p,) = meta.single_prefills
+    assert p.blocks is not None and p.bias is None
+    q, k, v = (torch.randn(length, heads, head_dim, generator=gen) for heads in (n_heads, n_kv, n_kv))
+
+    class Pool:  # the backend reads k, v and window
+        def __init__(self):
+            self.k, self.v = (torch.randn(1, 1, n_kv, window, head_dim, generator=gen) for _ in range(2))
+            self.window = window
+
+    pool = Pool()
+    cached_k, cached_v = pool.k[0, 0, :, : p.cached_len].clone(), pool.v[0, 0, :, : p.cached_len].clone()
+    got = SdpaBackend()(0, q, k, v, meta, pool)
+
+    keys = torch.cat([cached_k, k.transpose(0, 1)], dim=1).repeat_interleave(n_heads // n_kv, dim=0)  # [H, Lc + C, Dh]
+    values = torch.cat([cached_v, v.transpose(0, 1)], dim=1).repeat_interleave(n_heads // n_kv, dim=0)
+    scores = (q.transpose(0, 1) @ keys.transpose(1, 2)) / head_dim**0.5  # [H, C, Lc + C]
+    scores = scores.masked_fill(~p.mask, float("-inf"))
+    want = (scores.softmax(-1) @ values).transpose(0, 1)  # [C, H, Dh]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The cache then holds the chunk's last W keys, each at its position mod W.
+    last = torch.arange(start + length - window, start + length)
+    torch.testing.assert_close(pool.k[0, 0][:, last % window], k[last - start].transpose(0, 1), rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_flash_attention_matches_sdpa_on_gpu(mixtral_dir):

@@ -42,7 +42,15 @@ def test_a_chunk_longer_than_the_window_sees_only_its_window_and_writes_its_last
     (pre,) = meta.prefills
     assert (pre.cached_len, pre.write_from) == (2, 4)
     assert pre.write_index.tolist() == [0, 1, 2]  # positions 6, 7, 8: the chunk's last W
-    assert torch.equal(pre.bias[0, 0] == 0, pre.mask) and pre.bias[0, 0][~pre.mask].eq(float("-inf")).all()
+    # Two windows or more: attended W queries at a time (WindowBlocks), whose masks are the
+    # whole chunk's mask cut into blocks: the first W queries over the cache and the first W keys,
+    # then the band every later block shares (its keys start W - 1 before its first query).
+    blocks = pre.blocks
+    assert pre.bias is None and (blocks.n_band, blocks.n_tail) == (1, 1)
+    assert torch.equal(blocks.head_bias[0, 0] == 0, pre.mask[:3, :5])
+    assert torch.equal(blocks.band_bias[0, 0] == 0, pre.mask[3:6, 2 + 1:2 + 6])
+    assert torch.equal(blocks.band_bias[0, 0, :1, :3] == 0, pre.mask[6:, 2 + 4:])
+    assert blocks.band_bias[blocks.band_bias != 0].eq(float("-inf")).all()
     assert pre.mask.tolist() == [
         # cache 0 1 | chunk 2  3  4  5  6  7  8
         [T, T, T, F, F, F, F, F, F],  # query 2 sees 0, 1, 2
