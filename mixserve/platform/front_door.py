@@ -126,6 +126,14 @@ class FrontDoor:
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
         self.meter = MeterBatch(ledger)
+        # Generations of requests received and not handed to the engine yet: an attention replica
+        # in this process reads it (EngineFront.arrivals) to wait, when idle, for a burst's rest.
+        self.arriving = 0
+
+    def arrival(self) -> Arrival:
+        """Counts a request that has just come in as on its way to the engine, from now until
+        its generations are read (open_choices) or it fails: `with door.arrival() as arrival:`."""
+        return Arrival(self)
 
     # ---- who, and may they -------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Caller:
@@ -198,12 +206,12 @@ class FrontDoor:
 
     # ---- generation --------------------------------------------------------------------------
     async def start(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int, chat: bool,
-                    stream: bool, endpoint: str) -> Run:
+                    stream: bool, endpoint: str, arrival: Arrival | None = None) -> Run:
         """Admits the request and opens its n choices; refusals raise ApiError before any output."""
         record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids), limited=caller.limited)
         lease = await self.admit(caller, len(prompt_ids), params.max_tokens * n)
         try:
-            choices = await self.open_choices(caller, prompt_ids, params, n, chat, stream)
+            choices = await self.open_choices(caller, prompt_ids, params, n, chat, stream, arrival)
         except ApiError as err:
             record.status = str(err.status)
             self.settle(lease, record)
@@ -211,10 +219,12 @@ class FrontDoor:
         return Run(self, lease, record, choices)
 
     async def open_choices(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int,
-                           chat: bool, stream: bool = True) -> Choices:
+                           chat: bool, stream: bool = True, arrival: Arrival | None = None) -> Choices:
         """Starts n generations; errors about the request (bad input, context too long, no
         capacity) surface here, before any response is sent."""
         streams = []
+        if arrival is not None:
+            arrival.expect(n)
         try:
             for i in range(n):
                 choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
@@ -225,7 +235,8 @@ class FrontDoor:
             # each choice's prefill a whole step behind the one before (n=4: four prefill steps
             # before the response could start, instead of one step for all four).
             deadline = time.monotonic() + self.first_output_timeout_s
-            outcomes = await asyncio.gather(*(self._first_output(s, deadline) for s in streams), return_exceptions=True)
+            outcomes = await asyncio.gather(*(self._first_output(s, deadline, arrival) for s in streams),
+                                            return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -240,10 +251,15 @@ class FrontDoor:
             _cancel(streams)
             raise _api_error_for(exc) from None
 
-    async def _first_output(self, stream, deadline: float) -> RequestOutput:
+    async def _first_output(self, stream, deadline: float, arrival: Arrival | None = None) -> RequestOutput:
         """A choice's first output; ApiError when it fails or does not come before `deadline`."""
+        async def read() -> RequestOutput | GenerateError | None:
+            if arrival is not None:
+                arrival.hand_over()  # an in-process generation reaches its engine within this first read
+            return await anext(stream, None)
+
         try:
-            first = await asyncio.wait_for(anext(stream, None), max(deadline - time.monotonic(), 0.001))
+            first = await asyncio.wait_for(read(), max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
             raise ApiError(
                 503, f"the model did not start serving within {self.first_output_timeout_s:g}s (it may be "
@@ -254,6 +270,31 @@ class FrontDoor:
         if first is None:
             raise ApiError(503, "the attention replica ended the request without output; retry")
         return first
+
+
+class Arrival:
+    """One request's generations not handed to the engine yet, counted in FrontDoor.arriving."""
+
+    def __init__(self, door: FrontDoor):
+        self._door, self._pending = door, 0
+
+    def __enter__(self) -> Arrival:
+        self.expect(1)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._door.arriving -= self._pending  # whatever a refusal or failure never handed over
+        self._pending = 0
+
+    def expect(self, n: int) -> None:
+        """The request will hand over n generations (its choices) in all."""
+        self._door.arriving += n - self._pending
+        self._pending = n
+
+    def hand_over(self) -> None:
+        if self._pending > 0:
+            self._pending -= 1
+            self._door.arriving -= 1
 
 
 def _api_error_for(exc: Exception) -> ApiError:

@@ -99,21 +99,22 @@ class GrpcMethods:
 
     # ---- shared ------------------------------------------------------------------------------
     async def _start(self, request, context, chat: bool, stream: bool) -> Run:
-        caller = self._grpc_caller(context)
-        self.door.check_model(caller, request.model)
-        params, n = sampling_params(request.sampling)
-        if chat:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            if not messages or messages[-1]["role"] != "user":
-                raise ApiError(400, "messages must end with a user message", "messages")
-            prompt_ids = await self.door.chat_prompt(caller, messages)
-        else:
-            kind = request.WhichOneof("prompt")
-            if kind is None:
-                raise ApiError(400, "set a prompt: text or token_ids", "prompt")
-            prompt_ids = await self.door.completion_prompt(request.text if kind == "text" else list(request.token_ids.ids))
-        endpoint = "grpc_chat" if chat else "grpc_generate"
-        return await self.door.start(caller, prompt_ids, params, n, chat, stream, endpoint)
+        with self.door.arrival() as arrival:
+            caller = self._grpc_caller(context)
+            self.door.check_model(caller, request.model)
+            params, n = sampling_params(request.sampling)
+            if chat:
+                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                if not messages or messages[-1]["role"] != "user":
+                    raise ApiError(400, "messages must end with a user message", "messages")
+                prompt_ids = await self.door.chat_prompt(caller, messages)
+            else:
+                kind = request.WhichOneof("prompt")
+                if kind is None:
+                    raise ApiError(400, "set a prompt: text or token_ids", "prompt")
+                prompt_ids = await self.door.completion_prompt(request.text if kind == "text" else list(request.token_ids.ids))
+            endpoint = "grpc_chat" if chat else "grpc_generate"
+            return await self.door.start(caller, prompt_ids, params, n, chat, stream, endpoint, arrival)
 
     async def _whole(self, request, context, chat: bool) -> pb.GenerateResponse:
         try:

@@ -22,7 +22,7 @@ from ray import serve
 
 from mixserve.errors import InvalidRequestError
 from mixserve.platform.body_limit import BodyLimit
-from mixserve.platform.front_door import ApiError, Caller, FrontDoor, Run
+from mixserve.platform.front_door import ApiError, Arrival, Caller, FrontDoor, Run
 from mixserve.platform.generations import InProcessReplica, on_replicas
 from mixserve.platform.grpc_ingress import GrpcMethods
 from mixserve.platform.openai_api import ChatCompletionRequest, CompletionRequest
@@ -90,6 +90,8 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
             open_generation = on_replicas(replica)
         self.door = FrontDoor(open_generation, ledger, router, model_name, checkpoint, tenants, system_prompt,
                               first_output_timeout_s)
+        if self.replica is not None:  # the engine hears how many requests are on their way to it
+            self.replica.engine.arrivals = lambda: self.door.arriving
         BodyLimit.max_bytes = max_body_bytes
         # Serve runs this class on its own event-loop thread beside its system loop; a short GIL
         # switch interval keeps one busy thread from making every other request wait 5 ms a turn.
@@ -152,23 +154,25 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
     # ---- generation --------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        caller = self._caller(request)
-        self.door.check_model(caller, body.model)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", "echo")
-        params = self._params(body, body.logprobs)
-        prompt_ids = await self.door.completion_prompt(body.prompt)
-        return await self._generate(caller, body, params, prompt_ids, chat=False, endpoint="completions")
+        with self.door.arrival() as arrival:
+            caller = self._caller(request)
+            self.door.check_model(caller, body.model)
+            if body.echo:
+                raise ApiError(400, "echo is not supported", "echo")
+            params = self._params(body, body.logprobs)
+            prompt_ids = await self.door.completion_prompt(body.prompt)
+            return await self._generate(caller, body, params, prompt_ids, False, "completions", arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        caller = self._caller(request)
-        self.door.check_model(caller, body.model)
-        params = self._params(body)
-        if body.messages[-1].role != "user":
-            raise ApiError(400, "the last message must be from the user", "messages")
-        prompt_ids = await self.door.chat_prompt(caller, [m.model_dump() for m in body.messages])
-        return await self._generate(caller, body, params, prompt_ids, chat=True, endpoint="chat")
+        with self.door.arrival() as arrival:
+            caller = self._caller(request)
+            self.door.check_model(caller, body.model)
+            params = self._params(body)
+            if body.messages[-1].role != "user":
+                raise ApiError(400, "the last message must be from the user", "messages")
+            prompt_ids = await self.door.chat_prompt(caller, [m.model_dump() for m in body.messages])
+            return await self._generate(caller, body, params, prompt_ids, True, "chat", arrival)
 
     @staticmethod
     def _params(body, *args):
@@ -177,8 +181,9 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         except InvalidRequestError as exc:
             raise ApiError(400, exc.message, exc.param) from None
 
-    async def _generate(self, caller: Caller, body, params, prompt_ids: list[int], chat: bool, endpoint: str):
-        run = await self.door.start(caller, prompt_ids, params, body.n, chat, body.stream, endpoint)
+    async def _generate(self, caller: Caller, body, params, prompt_ids: list[int], chat: bool, endpoint: str,
+                        arrival: Arrival | None = None):
+        run = await self.door.start(caller, prompt_ids, params, body.n, chat, body.stream, endpoint, arrival)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
         if body.stream:

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mixserve.errors import InvalidRequestError
 from mixserve.replicas.engine import LLMEngine
@@ -44,6 +44,10 @@ class EngineFront:
     Subclasses post commands to wherever their step loop runs."""
 
     alive = True  # False once the step loop is gone for good (ProcessEngine: its child exited)
+    # How many requests the front door in this process holds that have not reached this engine
+    # yet (set by the platform; None: no such front door). Sent with each request, it lets an
+    # idle engine wait for a burst's next arrivals (EngineConfig.arrival_wait_ms).
+    arrivals: Callable[[], int] | None = None
 
     def __init__(self) -> None:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -66,7 +70,8 @@ class EngineFront:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), outputs)
-        self._post(("add", request_id, prompt, params, chat, tenant, weight))
+        more_coming = self.arrivals() if self.arrivals is not None else 0
+        self._post(("add", request_id, prompt, params, chat, tenant, weight, more_coming))
         held = None  # an item read while coalescing, served next
         try:
             while True:
@@ -154,9 +159,11 @@ class AsyncEngine(EngineFront):
         self._inbox.put(command)
         self._work.set()
 
-    def _next_commands(self, block: bool) -> list[tuple] | None:
-        if block:
+    def _next_commands(self, wait_s: float | None) -> list[tuple] | None:
+        if wait_s is None:
             self._work.wait()
+        elif wait_s > 0:
+            self._work.wait(wait_s)
         self._work.clear()  # cleared before draining: a command posted meanwhile sets it again
         if self._stopped:
             return None

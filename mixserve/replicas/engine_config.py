@@ -82,6 +82,14 @@ class EngineConfig(BaseModel):
         "remote experts need (the child is no Ray worker and cannot call the shards); 'auto' takes 'process' "
         "when the experts are in-process and 'thread' otherwise. The Python LLM API always steps in its caller.",
     )
+    arrival_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="Most an idle engine waits, once requests reach it, for the ones its front door has received and "
+        "not handed over yet (the front door says how many), so a burst shares one prefill step instead of queueing "
+        "behind a first, lone one. A request arriving alone waits nothing. 0 turns it off.",
+    )
     seed: int = Field(0, description="Seed of the generator used by sampled requests that set no seed.")
 
     @model_validator(mode="after")

@@ -163,10 +163,10 @@ def _child_main(commands_fd: int, results_fd: int) -> int:
     loop = StepLoop(engine, _PipeOutbox(results))
     results.send(("ready", source.report(), loop.read_stats()))
 
-    def next_commands(block: bool) -> list[tuple] | None:
+    def next_commands(wait_s: float | None) -> list[tuple] | None:
         try:
-            if block:
-                commands.poll(None)
+            if wait_s != 0:
+                commands.poll(wait_s)  # None: until something arrives
             received = []
             while commands.poll(0):
                 received.append(commands.recv())

@@ -20,10 +20,12 @@ class Generation:
     prefills into one step), or with `error`."""
 
     def __init__(self, index: int, everyone_started: asyncio.Event, started: list[int], n: int,
-                 error: GenerateError | None = None):
+                 error: GenerateError | None = None, door: FrontDoor | None = None):
         self.index, self.everyone_started, self.started, self.n, self.error = index, everyone_started, started, n, error
         self.cancelled = False
         self.read = False
+        self.door = door
+        self.arriving_at_first_read: int | None = None  # what an in-process engine hears with this request
 
     def __aiter__(self):
         return self
@@ -32,6 +34,7 @@ class Generation:
         if self.read:
             raise StopAsyncIteration
         self.read = True
+        self.arriving_at_first_read = self.door.arriving if self.door is not None else None
         self.started.append(self.index)
         if len(self.started) == self.n:
             self.everyone_started.set()
@@ -51,7 +54,7 @@ def door_with(mixtral_dir, n: int, failing: int | None = None) -> tuple[FrontDoo
     def open_generation(request) -> Generation:
         i = len(generations)
         error = GenerateError("invalid_request", "bad choice", "prompt") if i == failing else None
-        generations.append(Generation(i, everyone_started, started, n, error))
+        generations.append(Generation(i, everyone_started, started, n, error, door))
         return generations[-1]
 
     door = FrontDoor(open_generation, ledger=None, router=None, model_name="tiny", checkpoint=mixtral_dir,
@@ -83,3 +86,32 @@ def test_a_failing_choice_ends_the_others_with_its_error(mixtral_dir):
     error, generations = asyncio.run(scenario())
     assert error.status == 400 and "bad choice" in error.message
     assert all(g.cancelled for g in generations)
+
+
+def test_the_door_counts_requests_on_their_way_until_each_generation_is_handed_over(mixtral_dir):
+    async def scenario():
+        door, generations = door_with(mixtral_dir, n=3)
+        with door.arrival() as arrival, door.arrival():  # this request, and another just come in
+            assert door.arriving == 2
+            await door.open_choices(Caller("a"), [1, 2], SamplingParams(max_tokens=1), n=3, chat=False,
+                                    arrival=arrival)
+            after_open = door.arriving
+        return door.arriving, after_open, [g.arriving_at_first_read for g in generations]
+
+    at_end, after_open, heard = asyncio.run(scenario())
+    # Each choice is handed over as it is read: the engine hears of the other request, and of
+    # this request's choices still to come.
+    assert heard == [3, 2, 1]
+    assert after_open == 1 and at_end == 0  # the other request never came through: forgotten on leaving
+
+
+def test_a_refused_request_stops_counting_as_on_its_way(mixtral_dir):
+    async def scenario():
+        door, _ = door_with(mixtral_dir, n=2, failing=0)
+        with pytest.raises(ApiError):
+            with door.arrival() as arrival:
+                await door.open_choices(Caller("a"), [1, 2], SamplingParams(max_tokens=1), n=2, chat=False,
+                                        arrival=arrival)
+        return door.arriving
+
+    assert asyncio.run(scenario()) == 0

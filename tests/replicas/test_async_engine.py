@@ -73,3 +73,66 @@ def test_a_rejected_or_abandoned_request_stops_counting_as_waiting(mixtral_dir):
         assert engine.loop.no_output_yet == set() and engine.stats()["free_slots"] == 1
     finally:
         engine.shutdown()
+
+
+def _first_step_sizes(llm: LLM) -> list[int]:
+    """Records how many requests each step advances (read in the step thread)."""
+    sizes: list[int] = []
+    step = llm.engine.step
+
+    def counted():
+        outputs = step()
+        sizes.append(len(outputs))
+        return outputs
+
+    llm.engine.step = counted
+    return sizes
+
+
+def test_an_idle_engine_waits_for_the_requests_its_front_door_announced(mixtral_dir):
+    # The front door says one more request is on its way: the first waits for it (up to
+    # arrival_wait_ms), and both prefill in the first step.
+    llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, arrival_wait_ms=1000)
+    sizes = _first_step_sizes(llm)
+    engine = AsyncEngine(llm.engine)
+    on_the_way = [1]
+    engine.arrivals = lambda: on_the_way[0]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+
+    async def run() -> float:
+        start = asyncio.get_running_loop().time()
+        first = asyncio.ensure_future(anext(engine.generate([1, 415, 2936], params)))
+        await asyncio.sleep(0.3)  # far longer than a step of this model
+        on_the_way[0] = 0
+        second = asyncio.ensure_future(anext(engine.generate([1, 9060], params)))
+        await asyncio.gather(first, second)
+        return asyncio.get_running_loop().time() - start
+
+    try:
+        elapsed = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert sizes[0] == 2  # one prefill step for both
+    assert elapsed < 0.9  # it stepped when the announced request came, not at the deadline (1 s)
+
+
+def test_a_lone_request_waits_for_nothing_and_an_announced_one_that_never_comes_for_at_most_the_limit(mixtral_dir):
+    llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, arrival_wait_ms=600)
+    engine = AsyncEngine(llm.engine)
+    on_the_way = [0]
+    engine.arrivals = lambda: on_the_way[0]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+
+    async def time_to_first_output() -> float:
+        start = asyncio.get_running_loop().time()
+        await anext(engine.generate([1, 415, 2936], params))
+        return asyncio.get_running_loop().time() - start
+
+    try:
+        alone = asyncio.run(time_to_first_output())
+        on_the_way[0] = 3  # announced, never sent: the engine steps at the limit
+        stranded = asyncio.run(time_to_first_output())
+    finally:
+        engine.shutdown()
+    assert alone < 0.5
+    assert 0.6 <= stranded < 3.0
