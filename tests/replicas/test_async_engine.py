@@ -89,14 +89,20 @@ def _first_step_sizes(llm: LLM) -> list[int]:
     return sizes
 
 
+def _announcing_engine(mixtral_dir, wait_ms: float, on_the_way: list[int]) -> tuple[LLM, AsyncEngine]:
+    """An engine whose stand-in front door announces on_the_way[0] more requests with each one."""
+    llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, arrival_wait_ms=wait_ms)
+    engine = AsyncEngine(llm.engine)
+    engine.arrivals = lambda: on_the_way[0]
+    return llm, engine
+
+
 def test_an_idle_engine_waits_for_the_requests_its_front_door_announced(mixtral_dir):
     # The front door says one more request is on its way: the first waits for it (up to
     # arrival_wait_ms), and both prefill in the first step.
-    llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, arrival_wait_ms=1000)
-    sizes = _first_step_sizes(llm)
-    engine = AsyncEngine(llm.engine)
     on_the_way = [1]
-    engine.arrivals = lambda: on_the_way[0]
+    llm, engine = _announcing_engine(mixtral_dir, 1000, on_the_way)
+    sizes = _first_step_sizes(llm)
     params = SamplingParams(max_tokens=1, temperature=0.0)
 
     async def run() -> float:
@@ -117,10 +123,8 @@ def test_an_idle_engine_waits_for_the_requests_its_front_door_announced(mixtral_
 
 
 def test_a_lone_request_waits_for_nothing_and_an_announced_one_that_never_comes_for_at_most_the_limit(mixtral_dir):
-    llm = LLM(mixtral_dir, max_model_len=256, max_num_seqs=4, arrival_wait_ms=600)
-    engine = AsyncEngine(llm.engine)
     on_the_way = [0]
-    engine.arrivals = lambda: on_the_way[0]
+    _, engine = _announcing_engine(mixtral_dir, 600, on_the_way)
     params = SamplingParams(max_tokens=1, temperature=0.0)
 
     async def time_to_first_output() -> float:
