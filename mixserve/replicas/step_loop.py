@@ -74,8 +74,10 @@ class StepLoop:
         the latest one says the front door holds more: they then share the first prefill step.
         Why: in a burst the first request otherwise prefills alone, and every other waits for
         that step before its own (2-core CI machine, 16 streams arriving within ~20 ms: the lone
-        step took 20-40 ms beside the front door parsing the rest). A lone request, or one whose
-        front door knows of no other, waits nothing. False when the commands ended."""
+        step took 20-40 ms beside the front door parsing the rest). Measured there, tiny-mixtral
+        served to 16 clients in bursts, 4 rounds each: time to first token p50 97-119 ms and p99
+        131-179 ms waiting up to 20 ms, against 136-155 and 234-239 without. A lone request, or
+        one whose front door knows of no other, waits nothing. False when the commands ended."""
         deadline = time.monotonic() + self.arrival_wait_s
         while self.more_coming and (left := deadline - time.monotonic()) > 0:
             commands = next_commands(left)
