@@ -123,7 +123,7 @@ class SdpaBackend:
             qb, kb, vb, attn_mask=p.blocks.band_bias, enable_gqa=True
         ).transpose(1, 2).reshape(n * w, heads, dh)
         if r:
-            first_key = (n + 1) * w - w + 1
+            first_key = n * w + 1  # the tail's first query (N + 1) W sees back to (N + 1) W - W + 1
             out[(n + 1) * w:] = F.scaled_dot_product_attention(
                 q[(n + 1) * w:].transpose(0, 1)[None], kc[None, :, first_key:], vc[None, :, first_key:],
                 attn_mask=p.blocks.band_bias[:, :, :r, : w - 1 + r], enable_gqa=True,

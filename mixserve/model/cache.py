@@ -226,9 +226,8 @@ def _prefill_meta(
     bias = blocks = None
     if c.length >= 2 * window:
         head = query_pos[:window]
-        rows = torch.arange(window)
-        columns = torch.arange(2 * window - 1)
-        band = (columns[None, :] >= rows[:, None]) & (columns[None, :] < rows[:, None] + window)  # [W, 2W - 1]
+        # The band in block coordinates: query i sits at key column i + W - 1, the last of its W keys.
+        band = _window_mask(torch.arange(window) + window - 1, torch.arange(2 * window - 1), window)  # [W, 2W - 1]
         blocks = WindowBlocks(
             head_bias=_additive(_window_mask(head, torch.cat([cached_pos, head]), window), dtype, device),
             band_bias=_additive(band, dtype, device),

@@ -241,10 +241,7 @@ class FrontDoor:
                 if isinstance(outcome, BaseException):
                     raise outcome
             return Choices(streams, outcomes)
-        except ApiError:
-            _cancel(streams)
-            raise
-        except asyncio.CancelledError:  # the client left while we waited: every started choice ends
+        except (ApiError, asyncio.CancelledError):  # refused, or the client left: every started choice ends
             _cancel(streams)
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to an ApiError
