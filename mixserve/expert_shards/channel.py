@@ -357,6 +357,8 @@ class TcpTransport:
         self._ids = itertools.count()
         self._addresses: dict[int, str] = {}
         self._socks: dict[int, socket.socket] = {}
+        self._poller = select.poll()  # every open connection, for replies
+        self._shard_of_fd: dict[int, int] = {}
         self._generation: dict[int, int] = {}  # shard -> which connection (a request in flight needs its own)
         self._connections = itertools.count(1)
         self._stash: dict[int, ShardReply | str] = {}  # replies read while waiting for others
@@ -385,22 +387,31 @@ class TcpTransport:
             wanted, self._wanted = self._wanted, None
         if wanted is not None:
             self._apply_addresses(wanted)
+        # Every message is built before the first goes out, so the sends follow each other
+        # closely: each wakes a shard, and a shard woken onto this thread's core (Linux places
+        # a socket's wakee beside its waker) waits for it, or preempts it for a time slice,
+        # until it blocks in collect. (Echo of [26, 1024] to 2 shards, same run, with the
+        # persistent poller below: 0.468 -> 0.452 ms back to back, 1.26 -> 1.17 after 8 ms idle.)
+        outgoing = []
+        for shard, req in requests.items():
+            x = req.x.contiguous()
+            header = {
+                "id": next(self._ids), "layer": layer, "rows": x.shape[0], "dim": x.shape[1],
+                "k": req.expert_ids.shape[1], "dtype": DTYPE_NAMES[x.dtype],
+            }
+            frames = [_as_bytes(x), _as_bytes(req.expert_ids.to(torch.long)), _as_bytes(req.weights.to(x.dtype))]
+            outgoing.append((shard, header, frames))
         pending: dict[int, _Sent] = {}
         try:
-            for shard, req in requests.items():
-                sock = self._connection(shard)
-                x = req.x.contiguous()
-                header = {
-                    "id": next(self._ids), "layer": layer, "rows": x.shape[0], "dim": x.shape[1],
-                    "k": req.expert_ids.shape[1], "dtype": DTYPE_NAMES[x.dtype], "sent_at": time.time(),
-                }
-                frames = [_as_bytes(x), _as_bytes(req.expert_ids.to(torch.long)), _as_bytes(req.weights.to(x.dtype))]
+            socks = [self._connection(shard) for shard, _, _ in outgoing]
+            for sock, (shard, header, frames) in zip(socks, outgoing):
+                header["sent_at"] = time.time()
                 try:
                     _send_all(sock, _message(header, frames))
                 except OSError as exc:
                     self._disconnect(shard)
                     raise ShardUnavailableError(f"expert shard {shard} is unreachable: {exc}") from None
-                pending[shard] = _Sent(header["id"], self._generation[shard], x.shape[0])
+                pending[shard] = _Sent(header["id"], self._generation[shard], header["rows"])
         except ShardUnavailableError:
             self._abandon(pending, {})  # what already went out to other shards
             raise
@@ -452,14 +463,23 @@ class TcpTransport:
             self._abandoned = {i for i in self._abandoned if i >= oldest_kept}
 
     def _wait_once(self, shards: list[int], timeout_s: float) -> None:
-        with selectors.DefaultSelector() as selector:
-            for shard in shards:
-                sock = self._socks.get(shard)
-                if sock is None:
-                    raise ShardUnavailableError(f"expert shard {shard} went away: connection closed")
-                selector.register(sock, selectors.EVENT_READ, shard)
-            for key, _ in selector.select(timeout_s):
-                self._read_reply(key.data)
+        """Reads the replies that have come in (any shard's: a late one is stashed or dropped),
+        waiting up to timeout_s for one. One poller for the transport's life: building a
+        selector per wait cost four system calls a layer."""
+        for shard in shards:
+            if shard not in self._socks:
+                raise ShardUnavailableError(f"expert shard {shard} went away: connection closed")
+        for fd, _ in self._poller.poll(timeout_s * 1000):
+            shard = self._shard_of_fd.get(fd)
+            if shard is None or shard not in self._socks:  # a reply read above closed it
+                continue
+            try:
+                self._read_reply(shard)
+            except ShardUnavailableError:
+                if shard in shards:
+                    raise
+                # A shard this wait does not need went away: its connection is dropped, and
+                # the next submit that needs it reopens it or fails.
 
     def _read_reply(self, shard: int) -> None:
         sock = self._socks[shard]
@@ -492,12 +512,16 @@ class TcpTransport:
             raise ShardUnavailableError(f"expert shard {shard} at {address} is not reachable: {exc}") from None
         sock.settimeout(MESSAGE_TIMEOUT_S)
         self._socks[shard] = sock
+        self._shard_of_fd[sock.fileno()] = shard
+        self._poller.register(sock, select.POLLIN)
         self._generation[shard] = next(self._connections)
         return sock
 
     def _disconnect(self, shard: int) -> None:
         sock = self._socks.pop(shard, None)
         if sock is not None:
+            self._poller.unregister(sock)
+            del self._shard_of_fd[sock.fileno()]
             sock.close()
 
     def _apply_addresses(self, addresses: dict[int, str]) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from mixserve import LLM, SamplingParams
 from mixserve.errors import CheckpointError
-from mixserve.expert_shards.dispatch import InProcessTransport, ShardClient, remote_feed_forward
+from mixserve.expert_shards.dispatch import InProcessTransport, RemoteExperts, ShardClient, remote_feed_forward
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
 from mixserve.model import load_model
@@ -85,6 +85,40 @@ def test_two_shards_partial_sums_add_up_to_the_whole_layer(mixtral_dir, moe_kern
     whole = full.compute(1, x, ids, weights)
     assert torch.allclose(parts, whole, atol=1e-5), (parts - whole).abs().max()
     assert not torch.allclose(whole, torch.zeros_like(whole))
+
+
+class RowsTransport(InProcessTransport):
+    """Keeps each layer call's requests, per shard."""
+
+    def __init__(self, shards):
+        super().__init__(shards)
+        self.requests = []
+
+    def submit(self, layer, requests):
+        self.requests.append(requests)
+        return super().submit(layer, requests)
+
+
+@pytest.mark.parametrize("placement", [
+    Placement.contiguous(8, 2, capacity=4),
+    Placement.contiguous(8, 8, capacity=1),
+    Placement.contiguous(8, 4, capacity=3).with_replica(0, 2),  # a hot expert's tokens split over 2 shards
+], ids=["2-shards", "8-shards", "4-shards-replicated"])
+def test_remote_experts_give_the_whole_layer_and_each_shard_only_its_tokens(mixtral_dir, placement):
+    shards = [ExpertShard(s, mixtral_dir, placement.experts_of(s)) for s in range(placement.n_shards)]
+    transport = RowsTransport(shards)
+    remote = RemoteExperts(1, 8, ShardClient(placement, transport))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(24)])
+    weights = torch.rand(24, 2, generator=gen)
+    got = remote(x, ids, weights)
+    whole = ExpertShard(99, mixtral_dir, list(range(8))).compute(1, x, ids, weights)
+    assert torch.allclose(got, whole, atol=1e-6), (got - whole).abs().max()
+    (requests,) = transport.requests
+    for sid, request in requests.items():  # each shard got exactly the tokens with a slot there
+        assert request.x.shape[0] == int((request.expert_ids >= 0).any(dim=1).sum()) > 0
+    assert sum(int((r.expert_ids >= 0).sum()) for r in requests.values()) == 24 * 2  # every slot, once
 
 
 def test_shard_refuses_experts_it_does_not_hold(mixtral_dir):
