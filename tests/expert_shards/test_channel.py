@@ -132,6 +132,31 @@ def test_a_shard_that_dies_mid_layer_fails_the_wait_at_once():
         listener.close()
 
 
+def test_a_shard_that_dies_while_a_layer_waits_on_others_does_not_fail_that_layer(server):
+    """The transport polls every connection; a dead shard that the layer did not use is
+    dropped (and reopened or refused at its next use), not taken for the layer's failure."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    slow = ShardServer(lambda layer, x, ids, w: (time.sleep(0.3), scaled(layer, x, ids, w))[1])
+    transport = TcpTransport({0: slow.address, 1: f"127.0.0.1:{listener.getsockname()[1]}"})
+    try:
+        deadline = time.monotonic() + 5
+        while not accepted and time.monotonic() < deadline:  # the transport connected at start
+            time.sleep(0.01)
+        req = request(3)
+        pending = transport.submit(0, {0: req})  # shard 1 gets nothing in this layer
+        accepted[0].close()  # shard 1 dies while shard 0 computes
+        assert torch.equal(transport.collect(pending)[0].output, scaled(0, req.x, req.expert_ids, req.weights))
+        listener.close()
+        with pytest.raises(ShardUnavailableError, match="expert shard 1"):
+            transport.submit(1, {1: request(2)})
+    finally:
+        transport.close()
+        slow.close()
+        listener.close()
+
+
 def test_nonsense_on_one_connection_does_not_disturb_the_others(server):
     transport = TcpTransport({0: server.address})
     host, port = server.address.rsplit(":", 1)
