@@ -132,7 +132,7 @@ def test_a_shard_that_dies_mid_layer_fails_the_wait_at_once():
         listener.close()
 
 
-def test_a_shard_that_dies_while_a_layer_waits_on_others_does_not_fail_that_layer(server):
+def test_a_shard_that_dies_while_a_layer_waits_on_others_does_not_fail_that_layer():
     """The transport polls every connection; a dead shard that the layer did not use is
     dropped (and reopened or refused at its next use), not taken for the layer's failure."""
     listener = socket.create_server(("127.0.0.1", 0))

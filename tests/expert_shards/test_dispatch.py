@@ -87,18 +87,6 @@ def test_two_shards_partial_sums_add_up_to_the_whole_layer(mixtral_dir, moe_kern
     assert not torch.allclose(whole, torch.zeros_like(whole))
 
 
-class RowsTransport(InProcessTransport):
-    """Keeps each layer call's requests, per shard."""
-
-    def __init__(self, shards):
-        super().__init__(shards)
-        self.requests = []
-
-    def submit(self, layer, requests):
-        self.requests.append(requests)
-        return super().submit(layer, requests)
-
-
 @pytest.mark.parametrize("placement", [
     Placement.contiguous(8, 2, capacity=4),
     Placement.contiguous(8, 8, capacity=1),
@@ -106,7 +94,7 @@ class RowsTransport(InProcessTransport):
 ], ids=["2-shards", "8-shards", "4-shards-replicated"])
 def test_remote_experts_give_the_whole_layer_and_each_shard_only_its_tokens(mixtral_dir, placement):
     shards = [ExpertShard(s, mixtral_dir, placement.experts_of(s)) for s in range(placement.n_shards)]
-    transport = RowsTransport(shards)
+    transport = RecordingTransport(shards)
     remote = RemoteExperts(1, 8, ShardClient(placement, transport))
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(24, 64, generator=gen)
@@ -151,14 +139,16 @@ def test_a_shard_can_take_a_replica_of_another_expert_at_run_time(mixtral_dir, m
 
 
 class RecordingTransport(InProcessTransport):
-    """Logs which experts each shard got per layer call; can run a hook on one layer."""
+    """Logs which experts each shard got per layer call, and the requests; can run a hook on one layer."""
 
     def __init__(self, shards, on_layer=None):
         super().__init__(shards)
         self.calls: list[tuple[int, dict[int, list[int]]]] = []
+        self.requests: list[dict] = []
         self.on_layer = on_layer or {}
 
     def submit(self, layer, requests):
+        self.requests.append(requests)
         self.calls.append((layer, {sid: sorted(set(r.expert_ids[r.expert_ids >= 0].tolist())) for sid, r in requests.items()}))
         if layer in self.on_layer:
             self.on_layer.pop(layer)()
