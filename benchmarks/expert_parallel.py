@@ -186,6 +186,7 @@ def main() -> None:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     sections = []
+    shard_kernels = set()  # what the shards' default MoE kernel resolved to
     for model_name in ns.models.split(","):
         folder = ensure_checkpoint(model_name)
         args = ModelArgs.from_folder(folder)
@@ -193,6 +194,7 @@ def main() -> None:
         run_to_completion(single, prompts(2, 16, 0), 4)  # warm-up
         placement = Placement.contiguous(args.num_experts, N_SHARDS, capacity=args.num_experts // N_SHARDS + 1)
         topo = start_topology(folder, placement, top, ns.attention_threads)
+        shard_kernels.update(info.moe_kernel for info in topo.group.infos.values())
         try:
             for engine in topo.engines.values():
                 run_to_completion(engine, prompts(2, 16, 0), 4)
@@ -256,7 +258,8 @@ def main() -> None:
     if not ns.no_write:
         write_results(
             "Expert parallelism: disaggregated vs single process",
-            f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each; TCP channels), the attention engine in "
+            f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each, MoE kernel {'/'.join(sorted(shard_kernels))}; "
+            "TCP channels), the attention engine in "
             f"the driver process ({ns.attention_threads} torch thread(s)); the single-process engine in the same process "
             f"({DEFAULT_THREADS} threads), same "
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "

@@ -50,7 +50,7 @@ class ExpertShardActor:
     groups arrive on its TCP channel (channel.py), or as numpy through `compute`."""
 
     def __init__(self, shard_id: int, checkpoint: str | WeightsSource, experts: list[int], dtype: str, num_threads: int | None,
-                 moe_kernel: str = "torch"):
+                 moe_kernel: str = "auto"):
         if num_threads:
             torch.set_num_threads(num_threads)
         keep_freed_memory()  # token groups' temporaries reuse the heap (mixserve/model/allocator.py)
@@ -141,7 +141,7 @@ def start_shard_group(
     cpus_per_shard: float = 1.0,
     gpus_per_shard: float = 0.0,
     num_threads: int | None = None,
-    moe_kernel: str = "torch",
+    moe_kernel: str = "auto",
     ready_timeout_s: float = 300.0,
 ) -> ShardGroup:
     """Reserves one bundle per shard in a placement group (gang scheduling: all shards fit or

@@ -36,6 +36,7 @@ class RouterStatus:
     running: bool = True  # False while released (scaled to zero)
     attention_replicas: int = 0  # attention replicas heard from in the last few seconds
     last_start_s: float = 0.0  # seconds the last shard group start took
+    moe_kernel: str | None = None  # the kernel the shards run ('auto' resolved); None while released
 
 
 class ExpertRouter:
@@ -50,12 +51,13 @@ class ExpertRouter:
         cpus_per_shard: float = 1.0,
         gpus_per_shard: float = 0.0,
         num_threads: int | None = None,
+        moe_kernel: str = "auto",
         auto_rebalance_s: float = 0.0,
         release_idle_s: float | None = None,
     ):
         self._start_args = dict(
             checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
-            gpus_per_shard=gpus_per_shard, num_threads=num_threads,
+            gpus_per_shard=gpus_per_shard, num_threads=num_threads, moe_kernel=moe_kernel,
         )
         self._replicate_hottest = replicate_hottest
         self._auto_rebalance_s = auto_rebalance_s
@@ -186,7 +188,12 @@ class ExpertRouter:
             running=self._group is not None,
             last_start_s=self.last_start_s,
             attention_replicas=self.live_replicas(),
+            moe_kernel=self._moe_kernel(),
         )
+
+    def _moe_kernel(self) -> str | None:
+        group = self._group
+        return next((info.moe_kernel for info in group.infos.values()), None) if group is not None else None
 
     def weights_reports(self) -> dict[int, dict]:
         """What loading its weights cost each shard (bytes fetched, from where), by shard id."""

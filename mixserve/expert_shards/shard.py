@@ -52,11 +52,12 @@ class ShardInfo:
     experts: tuple[int, ...]
     weight_bytes: int
     address: str | None = None  # where its data channel listens (None in-process)
+    moe_kernel: str = "torch"  # the kernel its experts run ('auto' resolved)
 
 
 class ExpertShard:
     def __init__(self, shard_id: int, checkpoint: str | Path | WeightsSource, experts: list[int], dtype: str = "float32",
-                 moe_kernel: str = "torch"):
+                 moe_kernel: str = "auto"):
         # One source for the shard's life: a remote one keeps its headers for add_expert.
         self.weights = as_weights_source(checkpoint)
         args = ModelArgs.from_folder(self.weights.folder())
@@ -66,10 +67,12 @@ class ExpertShard:
         if bad or not experts:
             raise ValueError(f"shard {shard_id}: experts {experts} must be a non-empty subset of 0..{args.num_experts - 1}")
         self._args, self._dtype = args, DTYPES[dtype]
-        # 'torch' (grouped oneDNN GEMMs) by default: inside 1-thread shard actors on the 2-core CI
-        # machine, small-mixtral's 4 experts x ~26 tokens ran 7.1-10.4 ms a layer grouped against
-        # 8.7-12.0 through zentorch's fused layer (alternating runs, no consistent winner), and the
-        # fused kernel needs a plain-GEMM detour whenever a shard has one active expert (c=1).
+        # 'auto' (zentorch's fused layer when it works here, mixserve/model/moe_kernels.py) by
+        # default: one attention engine on the 2-core CI machine, switched between two groups of
+        # 2 one-thread shards in alternating rounds (medians of 4), decoded at 1 / 8 / 32 sequences
+        # with fused shards 1.02 / 1.31 / 1.01x the tokens/s of grouped-GEMM shards on
+        # small-mixtral and 1.06 / 1.07 / 1.06x on tiny-mixtral. (Timing one layer alone had shown
+        # no consistent winner: the shard's weights then sit in cache, which favours the GEMMs.)
         self.moe_kernel = resolve_moe_kernel(moe_kernel, self._dtype, "cpu")
         model, self.weight_bytes = self._load(list(experts))
         self.shard_id = shard_id
@@ -102,7 +105,7 @@ class ExpertShard:
         return self.info()
 
     def info(self) -> ShardInfo:
-        return ShardInfo(self.shard_id, self.experts, self.weight_bytes)
+        return ShardInfo(self.shard_id, self.experts, self.weight_bytes, moe_kernel=self.moe_kernel)
 
     @torch.inference_mode()
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

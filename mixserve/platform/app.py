@@ -42,6 +42,7 @@ def build_app(config: DeploymentConfig) -> Application:
             config.experts.cpus_per_shard,
             config.experts.gpus_per_shard,
             engine.num_threads,
+            config.experts.moe_kernel,
             config.experts.auto_rebalance_s,
             # At zero attention replicas the shards go too; they start with the first replica.
             config.experts.idle_release_s if config.scales_to_zero else None,

@@ -131,6 +131,7 @@ def _experts_report(router) -> dict:
         "tokens_per_shard": status.shard_tokens,
         "tokens_per_expert": status.expert_tokens,
         "balance_max_over_mean": round(status.balance, 3),
+        "moe_kernel": status.moe_kernel,
     }
 
 

@@ -140,6 +140,12 @@ class ExpertsSection(_Strict):
     cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs each expert shard reserves.")
     gpus_per_shard: float = Field(0.0, ge=0, description="Ray GPUs each expert shard reserves.")
     dispatch_timeout_s: float = Field(30.0, gt=0, description="A shard silent this long fails the step with a retryable error.")
+    moe_kernel: Literal["auto", "torch", "zentorch"] = Field(
+        "auto",
+        description="Kernel the shards run their experts with, as attention.engine.moe_kernel does for in-process "
+        "experts: 'auto' takes zentorch's fused MoE layer when it is installed and passes its start-up check, "
+        "else 'torch', the grouped oneDNN GEMMs.",
+    )
     transport: Literal["tcp", "ray"] = Field(
         "tcp",
         description="How token groups travel between replicas and shards: 'tcp' (a direct connection from "

@@ -102,7 +102,9 @@ def test_remote_experts_give_the_whole_layer_and_each_shard_only_its_tokens(mixt
     weights = torch.rand(24, 2, generator=gen)
     got = remote(x, ids, weights)
     whole = ExpertShard(99, mixtral_dir, list(range(8))).compute(1, x, ids, weights)
-    assert torch.allclose(got, whole, atol=1e-6), (got - whole).abs().max()
+    # 1e-5: with zentorch (the default where it works) a one-expert shard takes the plain-GEMM path
+    # while the whole-layer shard runs the fused kernel, so float32 sums come in another order.
+    assert torch.allclose(got, whole, atol=1e-5), (got - whole).abs().max()
     (requests,) = transport.requests
     for sid, request in requests.items():  # each shard got exactly the tokens with a slot there
         assert request.x.shape[0] == int((request.expert_ids >= 0).any(dim=1).sum()) > 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from mixserve.expert_shards.router import ExpertRouter
+from mixserve.model.moe_kernels import resolve_moe_kernel
 from tests.waiting import wait_until
 
 
@@ -43,8 +46,11 @@ def test_shards_start_with_the_first_replica_and_are_released_when_none_is_left(
     )
     try:
         assert not router.status().running and router.shard_addresses() == {}  # nothing until a replica comes
+        assert router.status().moe_kernel is None
         first = router.attach("replica-a")
         assert router.status().running and len(router.shard_addresses()) == 2
+        # the shards' default kernel is the engine's: zentorch's fused layer where it works here
+        assert router.status().moe_kernel == resolve_moe_kernel("auto", torch.float32, "cpu")
         assert wait_until(lambda: ray.available_resources().get("CPU", 0) <= cpus_before - 1.0 + 1e-6)  # 2 x 0.5 CPU
         # heartbeats keep the group up past the idle period
         for _ in range(10):
@@ -66,7 +72,7 @@ def test_hot_experts_get_copies_as_soon_as_the_attention_pool_grows(ray_cluster,
     # No periodic rebalancing at all: only the pool growing from one replica to two triggers it.
     router = ExpertRouter(
         str(mixtral_dir), num_experts=8, n_shards=2, experts_per_shard=5, replicate_hottest=1,
-        cpus_per_shard=0.5, num_threads=1, auto_rebalance_s=0.0,
+        cpus_per_shard=0.5, num_threads=1, moe_kernel="torch", auto_rebalance_s=0.0,
     )
     def beat(*replicas: str) -> bool:  # live replicas heartbeat every second or so
         for replica in replicas:
@@ -81,5 +87,6 @@ def test_hot_experts_get_copies_as_soon_as_the_attention_pool_grows(ray_cluster,
         assert wait_until(lambda: beat("replica-a", "replica-b") or router.placement().version == 1, 15, every_s=0.5)
         assert sorted(router.placement().holders[1]) == [0, 1]
         assert router.status().attention_replicas == 2
+        assert router.status().moe_kernel == "torch"  # as asked
     finally:
         router.shutdown()
