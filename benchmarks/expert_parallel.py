@@ -10,7 +10,8 @@ For each model, in one run on a local Ray cluster:
 - load balance (max/mean tokens per shard) and tokens/s before and after replicating the
   hottest expert, on a checkpoint whose gates favour one expert (and on the demo checkpoint).
 
-The attention side runs in this process, as the engine inside an attention replica does; the
+The attention side runs in this process, as the engine inside an attention replica does (with
+the replica's environment, GOMP_SPINCOUNT: mixserve/platform/ray_env.py); the
 Serve and HTTP layers in front of it are not part of these figures. Decode tokens/s =
 N * (new - 1) / (t(new tokens) - t(1 token)).
 
@@ -22,15 +23,22 @@ Run:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mixserve.platform.ray_env import remote_experts_replica_env  # noqa: E402
+
+# This process is the attention side: it gets the environment mixserve gives such replicas, read
+# by OpenMP when torch loads (the single-process engine beside it runs with it too).
+os.environ.update(remote_experts_replica_env())
+
+import torch  # noqa: E402
 
 from benchmarks.common import ROOT, format_table, median_time, write_results  # noqa: E402
 from benchmarks.engine import ensure_checkpoint, prompts  # noqa: E402
@@ -78,8 +86,9 @@ def interleaved_decode_tok_s(runs: list[tuple[LLMEngine, int | None]], n: int, n
     return [statistics.median(r) for r in rates]
 
 
-def engine_config(max_seqs: int, micro_batches: int = 1) -> EngineConfig:
-    return EngineConfig(max_model_len=512, max_num_seqs=max_seqs, max_num_batched_tokens=512, micro_batches=micro_batches)
+def engine_config(max_seqs: int, micro_batches: int = 1, heavy_op_threads: int | None = None) -> EngineConfig:
+    return EngineConfig(max_model_len=512, max_num_seqs=max_seqs, max_num_batched_tokens=512, micro_batches=micro_batches,
+                        heavy_op_threads=heavy_op_threads)
 
 
 @dataclass
@@ -94,13 +103,13 @@ class Topology:
         self.group.shutdown()
 
 
-def start_topology(folder: Path, placement: Placement, max_seqs: int, threads: int) -> Topology:
+def start_topology(folder: Path, placement: Placement, max_seqs: int, threads: int, heavy_op_threads: int | None) -> Topology:
     group = start_shard_group(folder, placement, cpus_per_shard=1, num_threads=1)
     transport = TcpTransport({sid: info.address for sid, info in group.infos.items()})
     client = ShardClient(placement, transport)
     model = load_model(folder, max_positions=512, feed_forward_factory=remote_feed_forward(client))
     tokenizer = Tokenizer.from_checkpoint(folder)
-    engines = {mb: LLMEngine(model, tokenizer, engine_config(max_seqs, mb)) for mb in (1, 2)}
+    engines = {mb: LLMEngine(model, tokenizer, engine_config(max_seqs, mb, heavy_op_threads)) for mb in (1, 2)}
     return Topology(group, client, engines, threads)
 
 
@@ -174,6 +183,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention-threads", type=int, default=1,
                         help="torch threads of the attention side while the shards run (the shards take the other cores)")
+    parser.add_argument("--heavy-op-threads", type=int, default=DEFAULT_THREADS,
+                        help="the attention side's threads for its LM head and attention projections, which run "
+                        "while the shards wait (EngineConfig.heavy_op_threads); 0 for the attention threads")
     parser.add_argument("--quick", action="store_true", help="tiny-mixtral, c=1,8, 16 tokens, 1 repeat")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ns = parser.parse_args()
@@ -193,7 +205,7 @@ def main() -> None:
         single = LLMEngine.from_checkpoint(folder, engine_config(top))
         run_to_completion(single, prompts(2, 16, 0), 4)  # warm-up
         placement = Placement.contiguous(args.num_experts, N_SHARDS, capacity=args.num_experts // N_SHARDS + 1)
-        topo = start_topology(folder, placement, top, ns.attention_threads)
+        topo = start_topology(folder, placement, top, ns.attention_threads, ns.heavy_op_threads or None)
         shard_kernels.update(info.moe_kernel for info in topo.group.infos.values())
         try:
             for engine in topo.engines.values():
@@ -238,7 +250,7 @@ def main() -> None:
 
         if model_name == ns.models.split(",")[0]:
             skewed = skewed_checkpoint(model_name)
-            topo = start_topology(skewed, placement, top, ns.attention_threads)
+            topo = start_topology(skewed, placement, top, ns.attention_threads, ns.heavy_op_threads or None)
             try:
                 run_to_completion(topo.engines[1], prompts(2, 16, 0), 4)
                 imbalance, rate, expert_tokens = balance_run(topo, top, ns.new_tokens, ns.repeats)
@@ -260,7 +272,8 @@ def main() -> None:
             "Expert parallelism: disaggregated vs single process",
             f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each, MoE kernel {'/'.join(sorted(shard_kernels))}; "
             "TCP channels), the attention engine in "
-            f"the driver process ({ns.attention_threads} torch thread(s)); the single-process engine in the same process "
+            f"the driver process ({ns.attention_threads} torch thread(s), {ns.heavy_op_threads or ns.attention_threads} for the "
+            "LM head and the attention projections, which run while the shards wait); the single-process engine in the same process "
             f"({DEFAULT_THREADS} threads), same "
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "
             "the three engines alternating within each round. "

@@ -14,6 +14,7 @@ from torch import nn
 from mixserve.model.args import ModelArgs
 from mixserve.model.attention_backends import AttentionBackend
 from mixserve.model.cache import RollingKVCache, StepMetadata
+from mixserve.model.threads import intra_op_threads
 
 
 class RMSNorm(nn.Module):
@@ -74,15 +75,18 @@ class Attention(nn.Module):
         meta: StepMetadata,
         cache: RollingKVCache,
         backend: AttentionBackend,
+        projection_threads: int | None = None,  # intra-op threads for wqkv and wo (None: the caller's)
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.wqkv(x)  # [T, (H + 2 KV) * Dh]
+        with intra_op_threads(projection_threads):
+            qkv = self.wqkv(x)  # [T, (H + 2 KV) * Dh]
         # q and k sit side by side in the fused output: rotate both with one RoPE call.
         qk = RotaryEmbedding.apply(qkv[:, : self.qk_size].view(t, -1, self.head_dim), rope_tables)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # [T, H, Dh], [T, KV, Dh]
         v = qkv[:, self.qk_size :].view(t, self.n_kv_heads, self.head_dim)
         out = backend(layer, q, k, v, meta, cache)  # [T, H, Dh]
-        return self.wo(out.reshape(t, -1))
+        with intra_op_threads(projection_threads):
+            return self.wo(out.reshape(t, -1))
 
 
 class DenseMLP(nn.Module):

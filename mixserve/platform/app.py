@@ -15,6 +15,7 @@ from mixserve.platform.config import ConfigError, DeploymentConfig
 from mixserve.platform.experts_wiring import connect_remote_experts
 from mixserve.platform.http_ingress import HttpIngress
 from mixserve.platform.ledger import TenantLedger
+from mixserve.platform.ray_env import remote_experts_replica_env
 from mixserve.platform.weights import open_weights
 from mixserve.replicas.deployment import AttentionReplica
 
@@ -66,7 +67,7 @@ def build_app(config: DeploymentConfig) -> Application:
         "expert_router": router, "experts_connector": connector, "stats_target": ledger,
         "stats_reporter": report_replica_stats,
     }
-    replica_resources = {"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica}
+    replica_resources = replica_actor_options(config)
     # A replica takes 4 x max_num_seqs requests at once (its batch, refilled as sequences end).
     replica_ongoing = 4 * engine.max_num_seqs
     door_args = (ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt,
@@ -93,6 +94,15 @@ def build_app(config: DeploymentConfig) -> Application:
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replica, *door_args)
+
+
+def replica_actor_options(config: DeploymentConfig) -> dict:
+    """Ray actor options of the attention replicas: their resources, and with the experts on
+    shards the environment that leaves the shards their cores (ray_env.py)."""
+    options: dict = {"num_cpus": config.attention.cpus_per_replica, "num_gpus": config.attention.gpus_per_replica}
+    if config.experts.shards:
+        options["runtime_env"] = {"env_vars": remote_experts_replica_env()}
+    return options
 
 
 async def report_replica_stats(ledger, stats: dict) -> None:

@@ -62,7 +62,8 @@ class EngineConfig(BaseModel):
         None,
         ge=1,
         description="torch intra-op threads for each step's heaviest ops, the LM head and the in-process "
-        "experts (or dense MLP), which stream most of a decode step's weights in a few large parallel regions; "
+        "experts (or dense MLP), or with the experts on shards the LM head and the attention projections, which "
+        "stream most of a decode step's weights in a few large parallel regions; "
         "the step's other ops keep num_threads. Lets a replica that decodes on one thread beside its event "
         "loop still use a second core where it pays most (mixserve/model/threads.py). None: no change.",
     )

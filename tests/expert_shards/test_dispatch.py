@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -177,3 +179,36 @@ def test_a_new_placement_takes_effect_at_the_next_step_never_mid_step(mixtral_di
     engine.step()  # decode of r + prefill of s, on the new table
     later = client.transport.calls[n_layers:]
     assert any(0 in experts.get(1, []) for _, experts in later)  # the copy on shard 1 now takes tokens
+
+
+def threads_seen_by_ops(engine: LLMEngine) -> dict[str, set[int]]:
+    """torch's intra-op thread count while each kind of op ran, over one decode run of the
+    engine (in a fresh thread: torch's count is per thread)."""
+    seen: dict[str, set[int]] = {"wqkv": set(), "wo": set(), "norm": set(), "lm_head": set()}
+    model = engine.model
+    modules = [("lm_head", model.output)] + [
+        (name, module) for block in model.layers
+        for name, module in (("wqkv", block.attention.wqkv), ("wo", block.attention.wo), ("norm", block.attention_norm))
+    ]
+    hooks = [m.register_forward_pre_hook(lambda _m, _x, name=name: seen[name].add(torch.get_num_threads()))
+             for name, m in modules]
+
+    def decode():
+        torch.set_num_threads(1)
+        run_all(engine, [[1, 415, 2936], [1, 22557, 28705, 28770]], SamplingParams(max_tokens=4, ignore_eos=True))
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    worker.join()
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_with_remote_experts_heavy_op_threads_also_widen_the_attention_projections(mixtral_dir):
+    # The shards wait while the replica projects, so those ops get the wide count; the rest stay narrow.
+    remote, _, _ = disaggregated_llm_engine(mixtral_dir, Placement.contiguous(8, 2, capacity=4), heavy_op_threads=2)
+    assert threads_seen_by_ops(remote) == {"wqkv": {2}, "wo": {2}, "norm": {1}, "lm_head": {2}}
+    # In one process the experts are the heavy ops: the projections keep the step's count.
+    local = LLM(mixtral_dir, max_model_len=256, heavy_op_threads=2).engine
+    assert threads_seen_by_ops(local) == {"wqkv": {1}, "wo": {1}, "norm": {1}, "lm_head": {2}}
