@@ -16,7 +16,7 @@ Serve and HTTP layers in front of it are not part of these figures. Decode token
 N * (new - 1) / (t(new tokens) - t(1 token)).
 
 Run:
-    .venv/bin/python benchmarks/expert_parallel.py                 # both models (about 15 min)
+    .venv/bin/python benchmarks/expert_parallel.py                 # both models (about 5 min here)
     .venv/bin/python benchmarks/expert_parallel.py --quick         # tiny-mixtral, fewer tokens
 """
 
