@@ -192,6 +192,7 @@ def main() -> None:
     if ns.quick:
         ns.models, ns.concurrency, ns.new_tokens, ns.repeats = "tiny-mixtral", "1,8", 16, 1
     concurrency = [int(c) for c in ns.concurrency.split(",")]
+    heavy = ns.heavy_op_threads or None
     top = max(concurrency)
 
     import ray
@@ -205,7 +206,7 @@ def main() -> None:
         single = LLMEngine.from_checkpoint(folder, engine_config(top))
         run_to_completion(single, prompts(2, 16, 0), 4)  # warm-up
         placement = Placement.contiguous(args.num_experts, N_SHARDS, capacity=args.num_experts // N_SHARDS + 1)
-        topo = start_topology(folder, placement, top, ns.attention_threads, ns.heavy_op_threads or None)
+        topo = start_topology(folder, placement, top, ns.attention_threads, heavy)
         shard_kernels.update(info.moe_kernel for info in topo.group.infos.values())
         try:
             for engine in topo.engines.values():
@@ -250,7 +251,7 @@ def main() -> None:
 
         if model_name == ns.models.split(",")[0]:
             skewed = skewed_checkpoint(model_name)
-            topo = start_topology(skewed, placement, top, ns.attention_threads, ns.heavy_op_threads or None)
+            topo = start_topology(skewed, placement, top, ns.attention_threads, heavy)
             try:
                 run_to_completion(topo.engines[1], prompts(2, 16, 0), 4)
                 imbalance, rate, expert_tokens = balance_run(topo, top, ns.new_tokens, ns.repeats)

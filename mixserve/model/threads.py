@@ -15,19 +15,25 @@ mixserve/replicas/async_engine.py.)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
+_UNCHANGED = nullcontext()  # reusable: it holds no state
+
+
+def intra_op_threads(n: int | None) -> AbstractContextManager[None]:
+    """Runs the block on n torch intra-op threads, then restores the calling thread's count
+    (None, or the count already set: nothing changes). Entered several times in every layer of
+    every step, so the usual no-change case costs no generator."""
+    if not n:
+        return _UNCHANGED
+    current = torch.get_num_threads()
+    return _UNCHANGED if n == current else _switched(n, current)
+
 
 @contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """Runs the block on n torch intra-op threads, then restores the calling thread's count
-    (None, or the count already set: nothing changes)."""
-    current = torch.get_num_threads() if n else None
-    if current is None or n == current:
-        yield
-        return
+def _switched(n: int, current: int) -> Iterator[None]:
     torch.set_num_threads(n)
     try:
         yield

@@ -101,8 +101,9 @@ class Transformer(nn.Module):
         self._begin_step()
         h = self.tok_embeddings(tokens)  # [T, D]
         rope_tables = self.rope.tables(meta.positions)  # once per step, shared by every layer
+        projection_threads = self.projection_threads
         for block in self.layers:
-            h = block(h, rope_tables, meta, cache, self.backend, self.heavy_op_threads, self.projection_threads)
+            h = block(h, rope_tables, meta, cache, self.backend, self.heavy_op_threads, projection_threads)
         return self._logits(h, logit_rows)
 
     def forward_micro_batches(self, batches: list[MicroBatch], cache: RollingKVCache) -> torch.Tensor:
@@ -113,12 +114,13 @@ class Transformer(nn.Module):
         hs = [self.tok_embeddings(b.tokens) for b in batches]  # [T_i, D] each
         tables = [self.rope.tables(b.meta.positions) for b in batches]
         pending: list[Callable[[], torch.Tensor] | None] = [None] * len(batches)
+        projection_threads = self.projection_threads
         for block in self.layers:
             for i, b in enumerate(batches):
                 if pending[i] is not None:
                     hs[i] = pending[i]()  # waits for this part's experts of the previous layer
                 pending[i] = block.start(hs[i], tables[i], b.meta, cache, self.backend, self.heavy_op_threads,
-                                         self.projection_threads)
+                                         projection_threads)
         return torch.cat([self._logits(finish(), b.logit_rows) for finish, b in zip(pending, batches)])
 
     def _begin_step(self) -> None:
