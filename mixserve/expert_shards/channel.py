@@ -155,15 +155,18 @@ def _read_header(sock: socket.socket, deadline: float | None = None) -> dict:
 
 
 def _read_tensor(sock: socket.socket, header: dict, index: int, rows: int, cols: int, dtype: torch.dtype,
-                 deadline: float | None = None) -> torch.Tensor:
-    """Reads frame `index` of a message straight into a new tensor of the expected shape,
-    after checking the sizes (nothing is allocated for a size the header cannot back)."""
+                 deadline: float | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Reads frame `index` of a message straight into a new tensor of the expected shape (or
+    into `into`, when that is a contiguous CPU tensor of that shape and dtype), after checking
+    the sizes (nothing is allocated for a size the header cannot back)."""
     nbytes = rows * cols * dtype.itemsize
     frames = header.get("frames")
     if (rows < 0 or cols < 0 or nbytes > MAX_FRAME_BYTES or not isinstance(frames, list) or index >= len(frames)
             or frames[index] != nbytes):
         raise ProtocolError(f"frame {index} does not hold a [{rows}, {cols}] {dtype} tensor")
-    out = torch.empty(rows, cols, dtype=dtype)
+    fits = (into is not None and into.shape == (rows, cols) and into.dtype == dtype and into.is_contiguous()
+            and into.device.type == "cpu")
+    out = into if fits else torch.empty(rows, cols, dtype=dtype)
     _read_into(sock, _as_bytes(out), deadline)
     return out
 
@@ -362,6 +365,7 @@ class TcpTransport:
         self._generation: dict[int, int] = {}  # shard -> which connection (a request in flight needs its own)
         self._connections = itertools.count(1)
         self._stash: dict[int, ShardReply | str] = {}  # replies read while waiting for others
+        self._reply_into: dict[int, torch.Tensor] = {}  # request id -> where its answer is read to
         self._abandoned: set[int] = set()  # ids of requests whose step failed: dropped on arrival
         self._wanted: dict[int, str] | None = None
         self._lock = threading.Lock()
@@ -412,6 +416,8 @@ class TcpTransport:
                     self._disconnect(shard)
                     raise ShardUnavailableError(f"expert shard {shard} is unreachable: {exc}") from None
                 pending[shard] = _Sent(header["id"], self._generation[shard], header["rows"])
+                if requests[shard].reply_into is not None:
+                    self._reply_into[header["id"]] = requests[shard].reply_into
         except ShardUnavailableError:
             self._abandon(pending, {})  # what already went out to other shards
             raise
@@ -450,6 +456,7 @@ class TcpTransport:
     def _abandon(self, pending: dict[int, _Sent], results: dict[int, ShardReply]) -> None:
         """Forgets the answers still due for a failed call; late ones are dropped on arrival."""
         for shard, sent in pending.items():
+            self._reply_into.pop(sent.id, None)  # a late answer must not land in the caller's buffer
             if shard in results or self._stash.pop(sent.id, None) is not None:
                 continue
             if self._generation.get(shard) == sent.connection:  # it may still arrive
@@ -457,10 +464,11 @@ class TcpTransport:
 
     def _forget_stale(self) -> None:
         """Bounds what failed steps leave behind (answers never collected, ids never answered)."""
-        if len(self._stash) + len(self._abandoned) > 64:
+        if len(self._stash) + len(self._abandoned) + len(self._reply_into) > 64:
             oldest_kept = next(self._ids) - STALE_IDS
             self._stash = {i: r for i, r in self._stash.items() if i >= oldest_kept}
             self._abandoned = {i for i in self._abandoned if i >= oldest_kept}
+            self._reply_into = {i: t for i, t in self._reply_into.items() if i >= oldest_kept}
 
     def _wait_once(self, shards: list[int], timeout_s: float) -> None:
         """Reads the replies that have come in (any shard's: a late one is stashed or dropped),
@@ -489,7 +497,8 @@ class TcpTransport:
             if "error" in header:
                 reply: ShardReply | str = str(header["error"])
             else:
-                out = _read_tensor(sock, header, 0, int(header["rows"]), int(header["dim"]), DTYPES[header["dtype"]])
+                out = _read_tensor(sock, header, 0, int(header["rows"]), int(header["dim"]), DTYPES[header["dtype"]],
+                                   into=self._reply_into.pop(req_id, None))
                 reply = ShardReply(out, header["compute_s"], header["to_shard_s"], time.time() - header["replied_at"])
         except Exception as exc:  # noqa: BLE001 - gone, stalled or garbled: this connection is done either way
             self._disconnect(shard)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,10 @@ from mixserve.errors import MixserveError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
 from mixserve.model.moe import MoeLayer
+
+
+# Integer dtypes as wide as a float dtype: the gate weights' bits travel through numpy as these.
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class ShardUnavailableError(MixserveError):
@@ -37,6 +42,9 @@ class ShardRequest:
     x: torch.Tensor  # [T_s, D] the tokens with at least one slot on this shard
     expert_ids: torch.Tensor  # [T_s, K] long: global expert ids, -1 where another shard computes the slot
     weights: torch.Tensor  # [T_s, K] gate weights in x's dtype, 0 where expert_ids is -1
+    # [T_s, D] where the answer should land, if the transport can read it straight in (the
+    # replica then adds every shard's answer back with one scatter); a reply elsewhere is copied.
+    reply_into: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,11 +112,23 @@ class ShardClient:
         self.placement = placement  # the latest published
         self.step_placement = placement  # the one the current step dispatches by
         self.transport = transport
-        self.tokens_sent = [0] * placement.n_shards  # cumulative per shard, reported to the router
-        self.expert_tokens = [0] * placement.num_experts  # cumulative per expert
-        # Per placement (and device): each expert's first holder, and whether any expert has copies.
-        self._table: tuple[Placement | None, torch.Tensor, bool] = (None, torch.empty(0), False)
+        # Cumulative slots per shard and per expert (this replica's share of the load the router
+        # sees). numpy: one add a layer call instead of a Python loop.
+        self._tokens_sent = np.zeros(placement.n_shards, dtype=np.int64)
+        self._expert_tokens = np.zeros(placement.num_experts, dtype=np.int64)
+        # Per placement: each expert's first holder, and whether any expert has copies.
+        self._table: tuple[Placement | None, np.ndarray, bool] = (None, np.empty(0, dtype=np.int64), False)
         self.stats = DispatchStats()
+
+    @property
+    def tokens_sent(self) -> list[int]:
+        """Slots sent to each shard so far (reported to the router)."""
+        return self._tokens_sent.tolist()
+
+    @property
+    def expert_tokens(self) -> list[int]:
+        """Slots routed to each expert so far."""
+        return self._expert_tokens.tolist()
 
     def set_placement(self, placement: Placement) -> None:
         """Takes effect from the next step; the step in flight keeps the table it latched.
@@ -126,8 +146,9 @@ class ShardClient:
         Largest groups are placed first; ties go to the shard with the fewest tokens so far."""
         load = [0] * placement.n_shards
         parts = []
+        sent = self._tokens_sent
         for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
-            holders = sorted(placement.holders[expert], key=lambda s: (load[s], self.tokens_sent[s], s))
+            holders = sorted(placement.holders[expert], key=lambda s: (load[s], sent[s], s))
             base, extra = divmod(counts[expert], len(holders))
             for i, shard in enumerate(holders):
                 rows = base + (i < extra)
@@ -136,43 +157,38 @@ class ShardClient:
                     load[shard] += rows
         return parts
 
-    def route(self, placement: Placement, expert_ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """The shard that computes each slot of expert_ids [T, K] (a [T, K] tensor), and the
-        shards that got any, most slots first. Counts the load (per expert, per shard) as it goes."""
-        flat = expert_ids.reshape(-1)  # [T*K]
-        counts = torch.bincount(flat, minlength=placement.num_experts).tolist()
-        for expert, n in enumerate(counts):
-            self.expert_tokens[expert] += n
-        if self._table[0] is not placement or self._table[1].device != expert_ids.device:
-            first = torch.tensor([h[0] for h in placement.holders], dtype=torch.long, device=expert_ids.device)
+    def route(self, placement: Placement, expert_ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """The shard that computes each slot of expert_ids [T, K] (an int64 [T, K] array), and
+        the shards that got any, most slots first (the busiest finishes last, so it should
+        start first). Counts the load (per expert, per shard) as it goes."""
+        counts = np.bincount(expert_ids.reshape(-1), minlength=placement.num_experts)  # [E]
+        self._expert_tokens += counts
+        if self._table[0] is not placement:
+            first = np.array([h[0] for h in placement.holders], dtype=np.int64)
             self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
         _, first_holder, has_copies = self._table
-        shard_of = first_holder[expert_ids]  # right for every expert with a single holder
-        per_shard = [0] * placement.n_shards
-        if not has_copies:  # nothing to split or balance
-            for expert, n in enumerate(counts):
-                per_shard[placement.holders[expert][0]] += n
-            return shard_of, self._count_shards(per_shard)
+        shard_of = first_holder[expert_ids]  # [T, K], a new array: right for every expert with a single holder
+        if has_copies:
+            self._split_replicated(placement, expert_ids, shard_of, counts.tolist())
+        per_shard = np.bincount(shard_of.reshape(-1), minlength=placement.n_shards)  # [S] slots
+        self._tokens_sent += per_shard
+        slots = per_shard.tolist()  # a few items: Python sorts them faster than numpy's calls start
+        return shard_of, sorted((s for s, n in enumerate(slots) if n), key=slots.__getitem__, reverse=True)
+
+    def _split_replicated(self, placement: Placement, expert_ids: np.ndarray, shard_of: np.ndarray, counts: list[int]) -> None:
+        """Rewrites shard_of [T, K] in place for the experts with copies: their slots, in token
+        order, go to their holders in the shares `assign` gives."""
+        flat, flat_shard = expert_ids.reshape(-1), shard_of.reshape(-1)  # views: writes land in shard_of
         split: dict[int, list[tuple[int, int]]] = {}
         for expert, shard, rows in self.assign(placement, counts):
-            per_shard[shard] += rows
             split.setdefault(expert, []).append((shard, rows))
-        flat_shard = shard_of.view(-1)
         for expert, shares in split.items():
             if len(shares) > 1 or shares[0][0] != placement.holders[expert][0]:  # only replicated experts
-                slots = (flat == expert).nonzero().squeeze(1)  # in token order
+                slots = np.flatnonzero(flat == expert)
                 start = 0
                 for shard, rows in shares:
                     flat_shard[slots[start:start + rows]] = shard
                     start += rows
-        return shard_of, self._count_shards(per_shard)
-
-    def _count_shards(self, per_shard: list[int]) -> list[int]:
-        """Adds a layer call's slots per shard to the load; the shards that got any, busiest
-        first (it finishes last, so it should start first)."""
-        for shard, n in enumerate(per_shard):
-            self.tokens_sent[shard] += n
-        return sorted((s for s, n in enumerate(per_shard) if n), key=lambda s: -per_shard[s])
 
 
 class RemoteExperts(nn.Module):
@@ -195,16 +211,32 @@ class RemoteExperts(nn.Module):
         x [T, D], expert_ids [T, K], weights [T, K] (x's dtype)."""
         began = time.perf_counter()
         client = self.client
-        shard_of, shards = client.route(client.step_placement, expert_ids)  # [T, K]: the shard computing each slot
+        # Every shard's request in one pass, a fixed number of calls whatever the number of shards,
+        # and one scatter-add to combine: the attention side runs this between big matmuls with
+        # its caches cold, where each torch or numpy call costs ~5-20 us instead of 1-5 (32
+        # tokens after a 16 MB matmul, 8 shards: route and pack 0.35-0.37 ms against 0.44-0.47
+        # with a dozen calls per shard, combine 0.08 against 0.12; at 2 shards ~0.3 ms both). The
+        # small [T, K] tensors go through numpy views, x through torch (it stays on its device);
+        # the gate weights as same-width integers (numpy has no bfloat16; all-zero bits are +0.0).
+        ids = expert_ids.cpu().numpy()  # [T, K] int64
+        weight_bits = weights.cpu().view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
+        shard_of, shards = client.route(client.step_placement, ids)  # [T, K], [S'] busiest first
+        held = shard_of[None] == np.array(shards)[:, None, None]  # [S', T, K]
+        # Rows of every shard's request, one after another in `shards` order (N = sum of T_s).
+        shard_pos, token = np.nonzero(held.any(axis=2))  # [N], [N]
+        held_slots = held[shard_pos, token]  # [N, K]
+        ids_all = torch.from_numpy(np.where(held_slots, ids[token], -1))  # [N, K]
+        weights_all = torch.from_numpy(np.where(held_slots, weight_bits[token], 0)).view(weights.dtype)  # [N, K]
+        token_index = torch.from_numpy(token).to(x.device)
+        x_all = x.index_select(0, token_index)  # [N, D]
+        replies_all = torch.empty_like(x_all)  # [N, D]: each shard's answer lands in its rows
+        ends = np.cumsum(np.bincount(shard_pos, minlength=len(shards))).tolist()
         requests: dict[int, ShardRequest] = {}
-        token_rows: dict[int, torch.Tensor] = {}
-        for shard in shards:
-            held = shard_of == shard  # [T, K]
-            elsewhere = ~held
-            rows = held.any(dim=1).nonzero().squeeze(1)  # [T_s]
-            token_rows[shard] = rows
-            requests[shard] = ShardRequest(x=x[rows], expert_ids=expert_ids.masked_fill(elsewhere, -1)[rows],
-                                           weights=weights.masked_fill(elsewhere, 0)[rows])
+        start = 0
+        for shard, end in zip(shards, ends):
+            requests[shard] = ShardRequest(x_all[start:end], ids_all[start:end], weights_all[start:end],
+                                           reply_into=replies_all[start:end])
+            start = end
 
         transport, stats = client.transport, client.stats
         routed = time.perf_counter()
@@ -214,15 +246,19 @@ class RemoteExperts(nn.Module):
         stats.route_s += routed - began
         stats.send_s += sent - routed
 
+        result = torch.zeros_like(x)  # [T, D], allocated before the wait rather than after it
+
         def finish() -> torch.Tensor:
             waited = time.perf_counter()
             replies = transport.collect(pending)
             answered = time.perf_counter()
-            # Each token gets its (at most K) slots' weighted rows from one or more shards. With
+            for shard, reply in replies.items():
+                into = requests[shard].reply_into
+                if reply.output is not into:  # this transport could not read it in place
+                    into.copy_(reply.output)
+            # Each token gets its (at most K) slots' weighted rows from one or more shards; with
             # two slots per token, adding them to zero in either order gives the same sum.
-            result = torch.zeros_like(x)
-            for shard, rows in token_rows.items():
-                result.index_add_(0, rows, replies[shard].output.to(x.dtype))
+            result.index_add_(0, token_index, replies_all)
             stats.wait_s += answered - waited
             stats.expert_s += max((r.compute_s for r in replies.values()), default=0.0)
             last = max(replies.values(), key=lambda r: r.to_shard_s + r.compute_s + r.from_shard_s, default=None)

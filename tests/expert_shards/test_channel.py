@@ -64,6 +64,47 @@ def test_every_shard_answers_with_its_own_result(server, dtype):
         other.close()
 
 
+def test_an_answer_is_read_straight_into_the_buffer_the_request_names(server):
+    """The replica has every shard answer into its rows of one buffer (then one scatter-add);
+    a buffer of the wrong shape or dtype is left alone and the answer comes in a new tensor."""
+    transport = TcpTransport({0: server.address})
+    try:
+        req = request(5, seed=11)
+        into = torch.full((5, 8), float("nan"))
+        req.reply_into = into
+        reply = transport.collect(transport.submit(3, {0: req}))[0]
+        expected = scaled(3, req.x, req.expert_ids, req.weights)
+        assert reply.output is into and torch.equal(into, expected)
+
+        wrong = torch.full((5, 8), float("nan"), dtype=torch.bfloat16)
+        req.reply_into = wrong
+        reply = transport.collect(transport.submit(3, {0: req}))[0]
+        assert reply.output is not wrong and torch.equal(reply.output, expected) and wrong.isnan().all()
+    finally:
+        transport.close()
+
+
+def test_a_late_answer_to_an_abandoned_request_never_lands_in_its_buffer():
+    slow = threading.Event()
+
+    def compute(layer, x, ids, w):
+        if slow.is_set():
+            time.sleep(0.6)
+        return x + 1
+
+    with channel_to(compute, timeout_s=0.2) as transport:
+        slow.set()
+        late = request(2, seed=12)
+        late.reply_into = torch.full((2, 8), float("nan"))
+        with pytest.raises(ShardUnavailableError, match="did not answer within"):
+            transport.collect(transport.submit(0, {0: late}))
+        slow.clear()
+        transport.timeout_s = 5
+        fresh = request(2, seed=13)
+        assert torch.equal(answer(transport, fresh), fresh.x + 1)  # read past the late answer
+        assert late.reply_into.isnan().all()
+
+
 def test_two_big_layers_in_flight_do_not_deadlock(server):
     """Ping-pong sends a second micro-batch before reading the first answer: with 16 MB each way
     neither side's socket buffers can hold that, so the shard must keep reading while its reply
