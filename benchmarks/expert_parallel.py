@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from mixserve.expert_shards.dispatch import ShardClient, remote_feed_forward  # 
 from mixserve.expert_shards.placement import Placement, max_over_mean  # noqa: E402
 from mixserve.model import ModelArgs, load_model  # noqa: E402
 from mixserve.model.moe import top_k_gating  # noqa: E402
+from mixserve.model.threads import intra_op_threads  # noqa: E402
 from mixserve.replicas.engine import LLMEngine  # noqa: E402
 from mixserve.replicas.engine_config import EngineConfig  # noqa: E402
 from mixserve.replicas.tokenizer import Tokenizer  # noqa: E402
@@ -120,6 +122,21 @@ def gate_ms(folder: Path, engine: LLMEngine, n_tokens: int) -> float:
     x = torch.randn(n_tokens, args.dim)
     with torch.inference_mode():
         return 1e3 * median_time(lambda: top_k_gating(moe.gate(x), args.num_experts_per_tok), 200)
+
+
+def attention_projections(engine: LLMEngine, dim: int, n_tokens: int, threads: int | None) -> Callable[[], object]:
+    """One layer's attention projections (wqkv, then wo) on n_tokens rows, on the threads the
+    attention side gives them: most of the bytes a replica streams between two MoE layers, so
+    the caches the dispatch code then finds are the ones it finds in decode."""
+    attention = engine.model.layers[0].attention
+    x = torch.randn(n_tokens, dim)
+    heads = torch.randn(n_tokens, attention.n_heads * attention.head_dim)
+
+    def run() -> object:
+        with torch.inference_mode(), intra_op_threads(threads):
+            return attention.wqkv(x), attention.wo(heads)
+
+    return run
 
 
 def breakdown(topo: Topology, folder: Path, n: int, new_tokens: int) -> dict[str, float]:
@@ -227,6 +244,8 @@ def main() -> None:
             rows_per_shard = top * args.num_experts_per_tok // N_SHARDS
             raw = measure_tcp(rows_per_shard, args.dim, 200)
             raw_gapped = measure_tcp(rows_per_shard, args.dim, 100, gap_s=parts["gap_s"] / 1e3)
+            raw_after_attention = measure_tcp(rows_per_shard, args.dim, 100,
+                                              between=attention_projections(topo.engines[1], args.dim, top, heavy))
             labels = [("gate_s", "gate (logits + top-2)"), ("route_s", "route and pack"), ("send_s", "send (hand to the channel)"),
                       ("to_shard_s", "request on the wire (last shard to answer)"),
                       ("expert_s", "expert compute (slowest shard)"),
@@ -240,6 +259,9 @@ def main() -> None:
                 ["idle gap the shards see between layers in the decode run", parts["gap_s"]],
                 ["raw round trip, the same echo after that idle gap (median)", raw_gapped["median_ms"]],
                 ["overhead / raw round trip (after the gap)", parts["overhead_s"] / raw_gapped["median_ms"]],
+                ["raw round trip, the same echo right after one layer's attention projections (median)",
+                 raw_after_attention["median_ms"]],
+                ["overhead / raw round trip (after the projections)", parts["overhead_s"] / raw_after_attention["median_ms"]],
             ])
             balance_rows = []
             imbalance, rate, expert_tokens = balance_run(topo, top, ns.new_tokens, 1)

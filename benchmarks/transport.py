@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -94,10 +95,12 @@ class TcpEcho:
         return self.server.address
 
 
-def measure_tcp(rows: int, dim: int, iters: int, gap_s: float = 0.0) -> dict[str, float]:
+def measure_tcp(rows: int, dim: int, iters: int, gap_s: float = 0.0, between: Callable[[], object] | None = None) -> dict[str, float]:
     """mixserve's channel: the request carries x, expert ids and weights; the reply x. With
     gap_s, the sender idles that long before each round trip, as a replica does between layers
-    (on a VM an idle core takes much longer to wake than a busy one)."""
+    (on a VM an idle core takes much longer to wake than a busy one). With `between`, the sender
+    runs it before each round trip (untimed): a replica's attention work, which leaves its caches
+    cold for the transport's own code, as in a real decode layer."""
     import ray
     import torch
 
@@ -112,6 +115,8 @@ def measure_tcp(rows: int, dim: int, iters: int, gap_s: float = 0.0) -> dict[str
     for i in range(iters + 20):
         if gap_s:
             time.sleep(gap_s)
+        if between is not None:
+            between()
         start = time.perf_counter()
         transport.collect(transport.submit(0, requests))
         if i >= 20:
