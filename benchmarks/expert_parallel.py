@@ -300,9 +300,12 @@ def main() -> None:
             f"({DEFAULT_THREADS} threads), same "
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "
             "the three engines alternating within each round. "
-            "'x single' > 1 means the topology is faster. The raw round trip is measured twice: back to back (the "
-            "transport's best case) and after the idle gap the shards really see between layers: on this VM a core "
-            "that idled a few ms takes far longer to wake, whatever carries the bytes.\n\n" + "\n\n".join(sections),
+            "'x single' > 1 means the topology is faster. The raw round trip is measured three times: back to back "
+            "(the transport's best case, all its code and data in cache); after the idle gap the shards really see "
+            "between layers (on this VM a core that idled a few ms takes far longer to wake, whatever carries the "
+            "bytes); and right after one layer's attention projections, which leave the sender's caches as a decode "
+            "layer's dispatch finds them (the same channel code then runs about twice as long: its Python and the "
+            "kernel's socket path start cold).\n\n" + "\n\n".join(sections),
         )
 
 
