@@ -304,8 +304,8 @@ def main() -> None:
             "(the transport's best case, all its code and data in cache); after the idle gap the shards really see "
             "between layers (on this VM a core that idled a few ms takes far longer to wake, whatever carries the "
             "bytes); and right after one layer's attention projections, which leave the sender's caches as a decode "
-            "layer's dispatch finds them (the same channel code then runs about twice as long: its Python and the "
-            "kernel's socket path start cold).\n\n" + "\n\n".join(sections),
+            "layer's dispatch finds them (the same channel code then runs 1.4 to 2 times as long, its Python and the "
+            "kernel's socket path starting cold).\n\n" + "\n\n".join(sections),
         )
 
 
