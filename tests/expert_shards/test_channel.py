@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from mixserve.expert_shards.channel import ShardServer, TcpTransport
+from mixserve.expert_shards.channel import HEADER, MAGIC, REPLY, REQUEST, ShardServer, TcpTransport
 from mixserve.expert_shards.dispatch import ShardRequest, ShardUnavailableError
 
 
@@ -132,6 +133,53 @@ def test_a_failing_compute_is_a_clear_error_and_the_channel_stays_usable():
         assert torch.equal(answer(transport, req), req.x)
 
 
+def test_a_long_error_message_arrives_cut_to_a_bound():
+    def wordy(layer, x, ids, w):
+        raise ValueError("é" * 20000)
+
+    with channel_to(wordy) as transport:
+        with pytest.raises(ShardUnavailableError, match="expert shard 0 failed: ValueError: é") as failure:
+            transport.collect(transport.submit(0, {0: request(2)}))
+        assert len(str(failure.value)) < 4200
+
+
+@contextmanager
+def transport_to_fake_shard(behave):
+    """A transport (30 s timeout) to a listener whose one connection `behave(conn)` handles."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        behave(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    transport = TcpTransport({0: f"127.0.0.1:{listener.getsockname()[1]}"}, timeout_s=30)
+    try:
+        yield transport
+    finally:
+        transport.close()
+        listener.close()
+
+
+def assert_layer_fails_fast(transport: TcpTransport, match: str) -> None:
+    """A layer sent to shard 0 fails with `match`, well before the transport's timeout."""
+    started = time.monotonic()
+    with pytest.raises(ShardUnavailableError, match=match):
+        transport.collect(transport.submit(0, {0: request(2)}))
+    assert time.monotonic() - started < 5
+
+
+def test_a_peer_speaking_another_protocol_fails_the_layer_with_a_clear_error():
+    def http_server(conn):
+        conn.recv(1 << 16)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        time.sleep(5)  # stays connected: only what it said can fail the layer
+        conn.close()
+
+    with transport_to_fake_shard(http_server) as transport:
+        assert_layer_fails_fast(transport, "not a mixserve channel message")
+
+
 def test_a_silent_shard_times_out_and_its_late_answer_is_never_taken_for_a_new_one():
     slow = threading.Event()
 
@@ -153,24 +201,12 @@ def test_a_silent_shard_times_out_and_its_late_answer_is_never_taken_for_a_new_o
 def test_a_shard_that_dies_mid_layer_fails_the_wait_at_once():
     """A peer that accepts and then closes (a killed shard's kernel closes its sockets) must
     fail collect well before the dispatch timeout."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def accept_then_die():
-        conn, _ = listener.accept()
+    def accept_then_die(conn):
         conn.recv(64)
         conn.close()
 
-    threading.Thread(target=accept_then_die, daemon=True).start()
-    transport = TcpTransport({0: f"127.0.0.1:{port}"}, timeout_s=30)
-    try:
-        started = time.monotonic()
-        with pytest.raises(ShardUnavailableError, match="expert shard 0"):
-            transport.collect(transport.submit(0, {0: request(2)}))
-        assert time.monotonic() - started < 5
-    finally:
-        transport.close()
-        listener.close()
+    with transport_to_fake_shard(accept_then_die) as transport:
+        assert_layer_fails_fast(transport, "expert shard 0")
 
 
 def test_a_shard_that_dies_while_a_layer_waits_on_others_does_not_fail_that_layer():
@@ -216,23 +252,27 @@ def test_nonsense_on_one_connection_does_not_disturb_the_others(server):
         transport.close()
 
 
-@pytest.mark.parametrize("header", [
-    '{"id": 1, "layer": 0, "rows": -1, "dim": 8, "k": 2, "dtype": "float32", "frames": [0, 0, 0]}',
-    '{"id": 2, "layer": 0, "rows": 1099511627776, "dim": 1048576, "k": 2, "dtype": "float32", "frames": [4611686018427387904, 0, 0]}',
-    '{"id": 3, "layer": 0, "rows": 1, "dim": 8, "k": 0, "dtype": "float32", "frames": [32, 0, 0]}',
-    '{"id": 4, "layer": 0, "rows": Infinity, "dim": 8, "k": 2, "dtype": "float64", "frames": []}',
-    "[" * 30000 + "]" * 30000,
-], ids=["negative-rows", "huge-frames", "zero-k", "infinity", "deep-nesting"])
-def test_a_hostile_header_costs_only_its_own_connection(server, header):
-    """Sizes no frame can back, a zero k, infinities and deep nesting: the shard hangs up on
-    that peer, allocates nothing for it, and keeps serving everyone else."""
-    import struct
+def binary_header(kind=REQUEST, dtype_code=0, k=2, rows=1, dim=8, layer=0, magic=MAGIC) -> bytes:
+    return HEADER.pack(magic, kind, dtype_code, k, rows, dim, layer, 1, 0.0, 0.0, 0.0)
 
+
+@pytest.mark.parametrize("header", [
+    binary_header(rows=2**32 - 1, dim=2**32 - 1),
+    binary_header(k=0),
+    binary_header(dtype_code=9),
+    binary_header(kind=REPLY),
+    binary_header(magic=b"MXS\x01"),
+    struct.pack("<I", 62) + b'{"id": 1, "layer": 0, "rows": 1, "dim": 8, "k": 2, "dtype": "float32"}'[:62],
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["huge-frames", "zero-k", "unknown-dtype", "a-reply-sent-to-a-shard", "another-version", "protocol-1-json", "http"])
+def test_a_hostile_header_costs_only_its_own_connection(server, header):
+    """Sizes no frame can back, a zero k, an unknown dtype, the wrong kind of message, another
+    protocol: the shard hangs up on that peer at once, allocates nothing for it, and keeps
+    serving everyone else."""
     host, port = server.address.rsplit(":", 1)
     rogue = socket.create_connection((host, int(port)))
     try:
-        raw = header.encode()
-        rogue.sendall(struct.pack("<I", len(raw)) + raw)
+        rogue.sendall(header)
         rogue.settimeout(5)
         try:
             hung_up = rogue.recv(16) == b""
