@@ -6,9 +6,8 @@ machine, one layer = [rows, 1024] float32 to 2 shards and back, medians): Ray ac
 a Ray Compiled Graph costs 0.4-0.5 ms, but an actor can only run one compiled graph at a
 time, so a second attention replica could not share the shards; a torch.distributed gloo group
 (also about 0.45 ms) has a membership fixed at rendezvous. This channel: 0.26-0.32 ms.
-Autoscaled replicas come and go, so
-each replica needs its own channel to each shard that it can open and drop alone: one TCP
-connection per (replica, shard).
+Autoscaled replicas come and go, so each replica needs its own channel to each shard that it
+can open and drop alone: one TCP connection per (replica, shard).
 
 Why not ZeroMQ, which served here first: a ZeroMQ socket hands every message to a background
 I/O thread on both ends, so each hop costs two extra thread wake-ups, and on a 2-core machine
