@@ -8,6 +8,8 @@ bfloat16 tensor travels as its raw 16-bit words and is viewed back on arrival (s
 
 from __future__ import annotations
 
+import collections
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mixserve.expert_shards.channel import ShardServer
+from mixserve.expert_shards.cpu_pinning import cores_for_slot, node_local_slots, pin_this_process
 from mixserve.expert_shards.dispatch import ShardReply, ShardRequest, ShardUnavailableError
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
@@ -50,7 +53,14 @@ class ExpertShardActor:
     groups arrive on its TCP channel (channel.py), or as numpy through `compute`."""
 
     def __init__(self, shard_id: int, checkpoint: str | WeightsSource, experts: list[int], dtype: str, num_threads: int | None,
-                 moe_kernel: str = "auto"):
+                 moe_kernel: str = "auto", cpu_slot: tuple[int, int] | None = None):
+        # cpu_slot: (this shard's rank among the node's shards, how many there are) to pin to
+        # cores of its own (cpu_pinning.py); first, so that every thread started later inherits it.
+        self._cpus: tuple[int, ...] = ()
+        if cpu_slot is not None:
+            cores = cores_for_slot(cpu_slot[0], shard_threads(num_threads), sorted(os.sched_getaffinity(0)), cpu_slot[1])
+            if pin_this_process(cores):
+                self._cpus = cores
         if num_threads:
             torch.set_num_threads(num_threads)
         keep_freed_memory()  # token groups' temporaries reuse the heap (mixserve/model/allocator.py)
@@ -63,7 +73,7 @@ class ExpertShardActor:
         """The shard's experts and channel address; also its health check (the router's)."""
         if not self._server.serving:
             raise RuntimeError(f"expert shard {self._shard.shard_id}: its data channel stopped")
-        return replace(self._shard.info(), address=self._server.address)
+        return replace(self._shard.info(), address=self._server.address, cpus=self._cpus)
 
     def add_expert(self, expert: int) -> ShardInfo:
         self._shard.add_expert(expert)
@@ -126,12 +136,27 @@ class ShardGroup:
             num_cpus=args["cpus_per_shard"],
             num_gpus=args["gpus_per_shard"],
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=shard_id),
-        ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"], args["moe_kernel"])
+        ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"], args["moe_kernel"],
+                 args["cpu_slots"].get(shard_id))
 
     def shutdown(self) -> None:
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
+
+
+def cpu_slots(pg: PlacementGroup) -> dict[int, tuple[int, int]]:
+    """Shard -> (its rank among the shards on its node, how many shards that node has). A
+    shard restarted later lands in the same bundle, so on the same node, and gets the same cores."""
+    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
+    per_node = collections.Counter(bundle_nodes.values())
+    return {shard: (slot, per_node[bundle_nodes[shard]]) for shard, slot in node_local_slots(bundle_nodes).items()}
+
+
+def shard_threads(num_threads: int | None) -> int:
+    """The torch threads a shard actor computes on: num_threads, else torch's default in the
+    actor (Ray sets OMP_NUM_THREADS to the whole CPUs an actor reserves, at least one)."""
+    return num_threads or torch.get_num_threads()
 
 
 def start_shard_group(
@@ -143,9 +168,12 @@ def start_shard_group(
     num_threads: int | None = None,
     moe_kernel: str = "auto",
     ready_timeout_s: float = 300.0,
+    pin_cpus: str = "auto",
 ) -> ShardGroup:
     """Reserves one bundle per shard in a placement group (gang scheduling: all shards fit or
-    none starts), then starts each shard's actor in its bundle and waits until all loaded."""
+    none starts), then starts each shard's actor in its bundle and waits until all loaded.
+    pin_cpus 'auto': CPU shards pin themselves to cores of their own where their node has
+    enough (cpu_pinning.py); 'off': never."""
     bundle = {"CPU": cpus_per_shard, **({"GPU": gpus_per_shard} if gpus_per_shard else {})}
     pg = placement_group([dict(bundle) for _ in range(placement.n_shards)], strategy="PACK")
     try:
@@ -158,6 +186,7 @@ def start_shard_group(
     group = ShardGroup(placement, {}, pg, dict(
         checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
         gpus_per_shard=gpus_per_shard, num_threads=num_threads, moe_kernel=moe_kernel,
+        cpu_slots=cpu_slots(pg) if pin_cpus == "auto" and not gpus_per_shard else {},
     ))
     try:
         for sid in range(placement.n_shards):

@@ -12,7 +12,7 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group
 from mixserve.expert_shards.placement import Placement, max_over_mean
@@ -37,6 +37,7 @@ class RouterStatus:
     attention_replicas: int = 0  # attention replicas heard from in the last few seconds
     last_start_s: float = 0.0  # seconds the last shard group start took
     moe_kernel: str | None = None  # the kernel the shards run ('auto' resolved); None while released
+    cpus: dict[int, list[int]] = field(default_factory=dict)  # shard -> cores it is pinned to ([]: not pinned)
 
 
 class ExpertRouter:
@@ -54,10 +55,11 @@ class ExpertRouter:
         moe_kernel: str = "auto",
         auto_rebalance_s: float = 0.0,
         release_idle_s: float | None = None,
+        pin_cpus: str = "auto",
     ):
         self._start_args = dict(
             checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
-            gpus_per_shard=gpus_per_shard, num_threads=num_threads, moe_kernel=moe_kernel,
+            gpus_per_shard=gpus_per_shard, num_threads=num_threads, moe_kernel=moe_kernel, pin_cpus=pin_cpus,
         )
         self._replicate_hottest = replicate_hottest
         self._auto_rebalance_s = auto_rebalance_s
@@ -177,7 +179,7 @@ class ExpertRouter:
     # ---- what operators ask -----------------------------------------------------------------
     def status(self) -> RouterStatus:
         shard_tokens, expert_tokens = self._window()
-        placement = self._placement
+        placement, group = self._placement, self._group
         return RouterStatus(
             placement_version=placement.version,
             shards={s: placement.experts_of(s) for s in range(placement.n_shards)},
@@ -189,6 +191,7 @@ class ExpertRouter:
             last_start_s=self.last_start_s,
             attention_replicas=self.live_replicas(),
             moe_kernel=self._moe_kernel(),
+            cpus={sid: list(info.cpus) for sid, info in group.infos.items()} if group is not None else {},
         )
 
     def _moe_kernel(self) -> str | None:
@@ -271,6 +274,7 @@ class ExpertRouter:
             actor = self._group.start_actor(sid, self._placement.experts_of(sid))
             info = ray.get(actor.info.remote(), timeout=300)
             self._group.actors[sid] = actor
+            self._group.infos[sid] = info
             self._addresses[sid] = info.address
         self._placement = replace(self._placement, version=self._placement.version + 1)
         log.warning("restored expert shards %s (placement version %d)", dead, self._placement.version)

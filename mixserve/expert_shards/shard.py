@@ -53,6 +53,7 @@ class ShardInfo:
     weight_bytes: int
     address: str | None = None  # where its data channel listens (None in-process)
     moe_kernel: str = "torch"  # the kernel its experts run ('auto' resolved)
+    cpus: tuple[int, ...] = ()  # the cores its threads are pinned to; () when not pinned
 
 
 class ExpertShard:

@@ -47,6 +47,7 @@ def build_app(config: DeploymentConfig) -> Application:
             config.experts.auto_rebalance_s,
             # At zero attention replicas the shards go too; they start with the first replica.
             config.experts.idle_release_s if config.scales_to_zero else None,
+            config.experts.pin_cpus,
         )
         connector = functools.partial(
             connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport

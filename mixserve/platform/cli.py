@@ -132,6 +132,7 @@ def _experts_report(router) -> dict:
         "tokens_per_expert": status.expert_tokens,
         "balance_max_over_mean": round(status.balance, 3),
         "moe_kernel": status.moe_kernel,
+        "pinned_cpus": status.cpus,
     }
 
 

@@ -146,6 +146,14 @@ class ExpertsSection(_Strict):
         "experts: 'auto' takes zentorch's fused MoE layer when it is installed and passes its start-up check, "
         "else 'torch', the grouped oneDNN GEMMs.",
     )
+    pin_cpus: Literal["auto", "off"] = Field(
+        "auto",
+        description="'auto': CPU shards (gpus_per_shard 0) pin their threads to cores of their own, the node's "
+        "highest-numbered first, where the node has a core for every shard thread; otherwise, or with 'off', the "
+        "OS places them. Unpinned, Linux often wakes two shards of one layer onto the same core while another "
+        "idles (mixserve/expert_shards/cpu_pinning.py has the figures). Assumes the node's other busy processes "
+        "are not pinned to those cores too.",
+    )
     transport: Literal["tcp", "ray"] = Field(
         "tcp",
         description="How token groups travel between replicas and shards: 'tcp' (a direct connection from "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -51,6 +52,11 @@ def test_shards_start_with_the_first_replica_and_are_released_when_none_is_left(
         assert router.status().running and len(router.shard_addresses()) == 2
         # the shards' default kernel is the engine's: zentorch's fused layer where it works here
         assert router.status().moe_kernel == resolve_moe_kernel("auto", torch.float32, "cpu")
+        # one-thread CPU shards pin to a core each where the node has two (cpu_pinning.py)
+        pinned = router.status().cpus
+        cores = [tuple(c) for c in pinned.values()]
+        assert sorted(pinned) == [0, 1]
+        assert len(os.sched_getaffinity(0)) < 2 or (all(len(c) == 1 for c in cores) and len(set(cores)) == 2)
         assert wait_until(lambda: ray.available_resources().get("CPU", 0) <= cpus_before - 1.0 + 1e-6)  # 2 x 0.5 CPU
         # heartbeats keep the group up past the idle period
         for _ in range(10):

@@ -1,0 +1,77 @@
+"""CPU expert shards pinned to cores of their own: the slot arithmetic, and real shard actors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mixserve.expert_shards.actors import start_shard_group
+from mixserve.expert_shards.cpu_pinning import cores_for_slot, node_local_slots
+from mixserve.expert_shards.placement import Placement
+
+can_pin = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="this OS has no CPU affinity calls")
+
+
+def test_shards_are_ranked_within_their_own_node():
+    assert node_local_slots({0: "a", 1: "b", 2: "a", 3: "a", 4: "b"}) == {0: 0, 1: 0, 2: 1, 3: 2, 4: 1}
+
+
+@pytest.mark.parametrize("slot, threads, shards, expected", [
+    (0, 1, 2, (3,)), (1, 1, 2, (2,)),  # the highest cores first
+    (0, 2, 2, (2, 3)), (1, 2, 2, (0, 1)),  # a core per thread
+    (0, 2, 3, ()), (2, 2, 3, ()),  # 6 threads on 4 cores: nobody is pinned
+    (0, 0, 1, ()),
+])
+def test_each_shard_gets_cores_no_other_shard_of_its_node_gets(slot, threads, shards, expected):
+    assert cores_for_slot(slot, threads, [0, 1, 2, 3], shards) == expected
+
+
+@can_pin
+def test_pinning_covers_every_thread_of_the_process_and_the_ones_it_starts_later():
+    core = max(os.sched_getaffinity(0))
+    child = f"""
+import os, threading
+before = threading.Thread(target=threading.Event().wait, daemon=True); before.start()
+from mixserve.expert_shards.cpu_pinning import pin_this_process
+assert pin_this_process([{core}])
+seen = []
+later = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0)))); later.start(); later.join()
+print(sorted(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(before.native_id)), seen[0])
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split("\n")[0] == f"[{core}] [{core}] [{core}]"
+
+
+def affinities(actor) -> list[list[int]]:
+    """The CPU affinity of every thread of a shard actor's process."""
+    import ray
+
+    def every_thread(_self):
+        return [sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")]
+
+    return ray.get(actor.__ray_call__.remote(every_thread))
+
+
+@can_pin
+def test_cpu_shards_pin_to_cores_of_their_own_unless_told_not_to(ray_cluster, mixtral_dir):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 cores for 2 one-thread shards")
+    placement = Placement.contiguous(8, 2)
+    group = start_shard_group(mixtral_dir, placement, cpus_per_shard=1, num_threads=1)
+    try:
+        pinned = [group.infos[s].cpus for s in (0, 1)]
+        assert pinned == [(allowed[-1],), (allowed[-2],)]
+        for shard, cores in enumerate(pinned):
+            assert all(threads == list(cores) for threads in affinities(group.actors[shard]))
+    finally:
+        group.shutdown()
+    group = start_shard_group(mixtral_dir, placement, cpus_per_shard=1, num_threads=1, pin_cpus="off")
+    try:
+        assert [group.infos[s].cpus for s in (0, 1)] == [(), ()]
+        assert sorted(set(map(tuple, affinities(group.actors[0])))) == [tuple(allowed)]
+    finally:
+        group.shutdown()
