@@ -57,7 +57,7 @@ class ExpertShardActor:
         # cpu_slot: (this shard's rank among the node's shards, how many there are) to pin to
         # cores of its own (cpu_pinning.py); first, so that every thread started later inherits it.
         self._cpus: tuple[int, ...] = ()
-        if cpu_slot is not None:
+        if cpu_slot is not None and hasattr(os, "sched_getaffinity"):  # Linux
             cores = cores_for_slot(cpu_slot[0], shard_threads(num_threads), sorted(os.sched_getaffinity(0)), cpu_slot[1])
             if pin_this_process(cores):
                 self._cpus = cores
@@ -148,7 +148,7 @@ class ShardGroup:
 def cpu_slots(pg: PlacementGroup) -> dict[int, tuple[int, int]]:
     """Shard -> (its rank among the shards on its node, how many shards that node has). A
     shard restarted later lands in the same bundle, so on the same node, and gets the same cores."""
-    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
+    bundle_nodes = placement_group_table(pg).get("bundles_to_node_id") or {}
     per_node = collections.Counter(bundle_nodes.values())
     return {shard: (slot, per_node[bundle_nodes[shard]]) for shard, slot in node_local_slots(bundle_nodes).items()}
 
