@@ -137,7 +137,7 @@ class ShardGroup:
             num_gpus=args["gpus_per_shard"],
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=shard_id),
         ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"], args["moe_kernel"],
-                 args["cpu_slots"].get(shard_id))
+                 cpu_slots(self.placement_group).get(shard_id) if args["pin_cpus"] else None)
 
     def shutdown(self) -> None:
         for actor in self.actors.values():
@@ -146,8 +146,8 @@ class ShardGroup:
 
 
 def cpu_slots(pg: PlacementGroup) -> dict[int, tuple[int, int]]:
-    """Shard -> (its rank among the shards on its node, how many shards that node has). A
-    shard restarted later lands in the same bundle, so on the same node, and gets the same cores."""
+    """Shard -> (its rank among the shards on its node, how many shards that node has), as the
+    bundles lie now (asked at every actor start: a dead node's bundles move to another node)."""
     bundle_nodes = placement_group_table(pg).get("bundles_to_node_id") or {}
     per_node = collections.Counter(bundle_nodes.values())
     return {shard: (slot, per_node[bundle_nodes[shard]]) for shard, slot in node_local_slots(bundle_nodes).items()}
@@ -186,7 +186,7 @@ def start_shard_group(
     group = ShardGroup(placement, {}, pg, dict(
         checkpoint=checkpoint, dtype=dtype, cpus_per_shard=cpus_per_shard,
         gpus_per_shard=gpus_per_shard, num_threads=num_threads, moe_kernel=moe_kernel,
-        cpu_slots=cpu_slots(pg) if pin_cpus == "auto" and not gpus_per_shard else {},
+        pin_cpus=pin_cpus == "auto" and not gpus_per_shard,
     ))
     try:
         for sid in range(placement.n_shards):

@@ -356,7 +356,9 @@ class TcpTransport:
         self._generation: dict[int, int] = {}  # shard -> which connection (a request in flight needs its own)
         self._connections = itertools.count(1)
         self._stash: dict[int, ShardReply | str] = {}  # replies read while waiting for others
-        self._reply_into: dict[int, torch.Tensor] = {}  # request id -> where its answer is read to
+        # request id -> (the shard asked, where its answer is read to): only that shard's
+        # connection may fill the buffer
+        self._reply_into: dict[int, tuple[int, torch.Tensor]] = {}
         self._abandoned: set[int] = set()  # ids of requests whose step failed: dropped on arrival
         self._wanted: dict[int, str] | None = None
         self._lock = threading.Lock()
@@ -407,7 +409,7 @@ class TcpTransport:
                 req_id, rows = fields[-1], fields[3]
                 pending[shard] = _Sent(req_id, self._generation[shard], rows)
                 if requests[shard].reply_into is not None:
-                    self._reply_into[req_id] = requests[shard].reply_into
+                    self._reply_into[req_id] = (shard, requests[shard].reply_into)
         except ShardUnavailableError:
             self._abandon(pending, {})  # what already went out to other shards
             raise
@@ -488,7 +490,10 @@ class TcpTransport:
                 _read_into(sock, memoryview(text))
                 reply: ShardReply | str = text.decode(errors="replace")
             elif kind == REPLY and dtype_code in CODE_DTYPES:
-                out = _read_tensor(sock, rows, dim, CODE_DTYPES[dtype_code], into=self._reply_into.pop(req_id, None))
+                asked, into = self._reply_into.get(req_id, (None, None))
+                if asked == shard:
+                    del self._reply_into[req_id]
+                out = _read_tensor(sock, rows, dim, CODE_DTYPES[dtype_code], into=into if asked == shard else None)
                 reply = ShardReply(out, compute_s, to_shard_s, time.time() - replied_at)
             else:
                 raise ProtocolError(f"bad reply header: kind {kind}, dtype code {dtype_code}")

@@ -11,16 +11,17 @@ the dispatch's wait beyond the experts' compute 0.55 -> 0.26 ms; small-mixtral 2
 220 tokens/s. The attention replica stays unpinned: it runs between the shards' layers.
 
 Shards take the node's highest-numbered cores first (core 0 tends to carry more of the
-system's interrupts), each as many as it runs threads; a node without a core for every shard
-thread pins none of them (pinning several shards to one core would serialise them). GPU shards
-are left alone.
+system's interrupts), one hardware thread per physical core before any core's second thread
+(where the sibling numbering is adjacent, plain order would hand two shards one core), each as
+many as it runs threads; a node without a CPU for every shard thread pins none of them (pinning
+several shards to one CPU would serialise them). GPU shards are left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,37 @@ def node_local_slots(bundle_nodes: Mapping[int, str]) -> dict[int, int]:
     return slots
 
 
-def cores_for_slot(slot: int, threads: int, allowed: Sequence[int], shards_on_node: int) -> tuple[int, ...]:
-    """The cores of the node's `slot`-th shard, highest first; () when the node's shards, at
-    `threads` cores each, do not all fit in `allowed` (then none is pinned)."""
+def cores_for_slot(slot: int, threads: int, allowed: Sequence[int], shards_on_node: int,
+                   sibling_rank: Callable[[int], int] | None = None) -> tuple[int, ...]:
+    """The CPUs of the node's `slot`-th shard; () when the node's shards, at `threads` CPUs each,
+    do not all fit in `allowed` (then none is pinned). Order of handing out: each CPU's rank
+    among its core's hardware threads (sibling_rank, read from sysfs by default), then the
+    highest number first."""
     if threads < 1 or shards_on_node * threads > len(allowed):
         return ()
-    cores = sorted(allowed, reverse=True)
-    return tuple(sorted(cores[slot * threads:(slot + 1) * threads]))
+    rank = sibling_rank or _sibling_rank
+    cpus = sorted(allowed, key=lambda cpu: (rank(cpu), -cpu))
+    return tuple(sorted(cpus[slot * threads:(slot + 1) * threads]))
+
+
+def _sibling_rank(cpu: int) -> int:
+    """0 for the lowest-numbered hardware thread of its physical core, 1 for the next...; 0
+    where the OS does not say."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+            siblings = _cpu_list(f.read())
+    except (OSError, ValueError):
+        return 0
+    return sorted(siblings).index(cpu) if cpu in siblings else 0
+
+
+def _cpu_list(text: str) -> list[int]:
+    """Linux's CPU list format: '0-3,8,10-11'."""
+    cpus = []
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 def pin_this_process(cores: Sequence[int]) -> bool:
@@ -52,15 +77,24 @@ def pin_this_process(cores: Sequence[int]) -> bool:
         return False
     try:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]  # this thread only
+    except OSError as exc:  # cannot see every thread: pin none rather than some
+        log.warning("not pinning this expert shard: %s", exc)
+        return False
+    before = os.sched_getaffinity(0)
+    done = []
     try:
         for tid in threads:
             try:
                 os.sched_setaffinity(tid, cores)
             except ProcessLookupError:  # a thread that ended meanwhile
                 continue
+            done.append(tid)
     except OSError as exc:
         log.warning("could not pin this expert shard to cores %s: %s", list(cores), exc)
+        for tid in done:  # all or nothing
+            try:
+                os.sched_setaffinity(tid, before)
+            except OSError:
+                pass
         return False
     return True

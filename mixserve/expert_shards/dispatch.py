@@ -39,9 +39,9 @@ class ShardUnavailableError(MixserveError):
 
 @dataclass
 class ShardRequest:
-    x: torch.Tensor  # [T_s, D] the tokens with at least one slot on this shard
-    expert_ids: torch.Tensor  # [T_s, K] long: global expert ids, -1 where another shard computes the slot
-    weights: torch.Tensor  # [T_s, K] gate weights in x's dtype, 0 where expert_ids is -1
+    x: torch.Tensor  # [T_s, D] the tokens with at least one slot on this shard (on x's device)
+    expert_ids: torch.Tensor  # [T_s, K] long (CPU): global expert ids, -1 where another shard computes the slot
+    weights: torch.Tensor  # [T_s, K] gate weights in x's dtype (CPU), 0 where expert_ids is -1
     # [T_s, D] where the answer should land, if the transport can read it straight in (the
     # replica then adds every shard's answer back with one scatter); a reply elsewhere is copied.
     reply_into: torch.Tensor | None = None
@@ -167,7 +167,9 @@ class ShardClient:
             first = np.array([h[0] for h in placement.holders], dtype=np.int64)
             self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
         _, first_holder, has_copies = self._table
-        shard_of = first_holder[expert_ids]  # [T, K], a new array: right for every expert with a single holder
+        # [T, K], right for every expert with a single holder; C order, so that the flat view
+        # _split_replicated writes through is a view and not a copy (ids may come transposed).
+        shard_of = np.ascontiguousarray(first_holder[expert_ids])
         if has_copies:
             self._split_replicated(placement, expert_ids, shard_of, counts.tolist())
         per_shard = np.bincount(shard_of.reshape(-1), minlength=placement.n_shards)  # [S] slots
@@ -252,8 +254,11 @@ class RemoteExperts(nn.Module):
             waited = time.perf_counter()
             replies = transport.collect(pending)
             answered = time.perf_counter()
-            for shard, reply in replies.items():
-                into = requests[shard].reply_into
+            for shard, request in requests.items():
+                reply, into = replies.get(shard), request.reply_into
+                if reply is None or reply.output.shape != into.shape:  # never add what was not answered
+                    got = "nothing" if reply is None else list(reply.output.shape)
+                    raise ShardUnavailableError(f"expert shard {shard} answered {got} for {list(into.shape)}")
                 if reply.output is not into:  # this transport could not read it in place
                     into.copy_(reply.output)
             # Each token gets its (at most K) slots' weighted rows from one or more shards; with

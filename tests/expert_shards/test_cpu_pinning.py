@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mixserve.expert_shards.actors import start_shard_group
-from mixserve.expert_shards.cpu_pinning import cores_for_slot, node_local_slots
+from mixserve.expert_shards.cpu_pinning import _cpu_list, cores_for_slot, node_local_slots
 from mixserve.expert_shards.placement import Placement
 
 can_pin = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="this OS has no CPU affinity calls")
@@ -26,11 +26,24 @@ def test_shards_are_ranked_within_their_own_node():
     (0, 0, 1, ()),
 ])
 def test_each_shard_gets_cores_no_other_shard_of_its_node_gets(slot, threads, shards, expected):
-    assert cores_for_slot(slot, threads, [0, 1, 2, 3], shards) == expected
+    no_hyperthreads = lambda cpu: 0  # noqa: E731
+    assert cores_for_slot(slot, threads, [0, 1, 2, 3], shards, no_hyperthreads) == expected
+
+
+def test_physical_cores_come_before_any_core_s_second_thread():
+    adjacent_siblings = lambda cpu: cpu % 2  # noqa: E731 - CPUs 0/1, 2/3, ... share a core
+    firsts = [cores_for_slot(slot, 1, range(8), 6, adjacent_siblings) for slot in range(6)]
+    assert firsts == [(6,), (4,), (2,), (0,), (7,), (5,)]
+
+
+def test_linux_cpu_lists_are_read():
+    assert _cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
 
 
 @can_pin
 def test_pinning_covers_every_thread_of_the_process_and_the_ones_it_starts_later():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("with one CPU allowed, pinning to it changes nothing to see")
     core = max(os.sched_getaffinity(0))
     child = f"""
 import os, threading
@@ -64,7 +77,8 @@ def test_cpu_shards_pin_to_cores_of_their_own_unless_told_not_to(ray_cluster, mi
     group = start_shard_group(mixtral_dir, placement, cpus_per_shard=1, num_threads=1)
     try:
         pinned = [group.infos[s].cpus for s in (0, 1)]
-        assert pinned == [(allowed[-1],), (allowed[-2],)]
+        expected = [cores_for_slot(slot, 1, allowed, 2) for slot in (0, 1)]  # this machine's topology
+        assert pinned == expected and len(set(pinned)) == 2 and all(len(c) == 1 for c in pinned)
         for shard, cores in enumerate(pinned):
             assert all(threads == list(cores) for threads in affinities(group.actors[shard]))
     finally:

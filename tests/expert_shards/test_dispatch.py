@@ -9,7 +9,14 @@ import torch
 
 from mixserve import LLM, SamplingParams
 from mixserve.errors import CheckpointError
-from mixserve.expert_shards.dispatch import InProcessTransport, RemoteExperts, ShardClient, remote_feed_forward
+from mixserve.expert_shards.dispatch import (
+    InProcessTransport,
+    RemoteExperts,
+    ShardClient,
+    ShardReply,
+    ShardUnavailableError,
+    remote_feed_forward,
+)
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
 from mixserve.model import load_model
@@ -111,6 +118,48 @@ def test_remote_experts_give_the_whole_layer_and_each_shard_only_its_tokens(mixt
     for sid, request in requests.items():  # each shard got exactly the tokens with a slot there
         assert request.x.shape[0] == int((request.expert_ids >= 0).any(dim=1).sum()) > 0
     assert sum(int((r.expert_ids >= 0).sum()) for r in requests.values()) == 24 * 2  # every slot, once
+    # a replicated expert's slots reach every shard holding it
+    for expert, holders in enumerate(placement.holders):
+        if not (ids == expert).any():
+            continue
+        got_it = sorted(sid for sid, r in requests.items() if (r.expert_ids == expert).any())
+        assert got_it == list(holders)
+
+
+def test_a_replicated_expert_is_split_over_its_holders_whatever_the_ids_layout():
+    placement = Placement.contiguous(8, 4, capacity=3).with_replica(0, 2)
+    rows = torch.tensor([[0, e] for e in (1, 2, 3, 4, 5, 6, 7, 1, 2, 3)])  # expert 0 in every token
+    for ids in (rows, rows.t().contiguous().t()):  # row-major, and the same values column-major
+        shard_of, _ = ShardClient(placement, InProcessTransport([])).route(placement, ids.numpy())
+        zero_goes_to = shard_of[ids.numpy() == 0]
+        assert sorted(set(zero_goes_to.tolist())) == [0, 2]
+        assert abs(int((zero_goes_to == 0).sum()) - int((zero_goes_to == 2).sum())) <= 1
+
+
+class DamagingTransport(InProcessTransport):
+    """Computes every request, then damages the answers with `damage(replies)`."""
+
+    def __init__(self, shards, damage):
+        super().__init__(shards)
+        self.damage = damage
+
+    def collect(self, pending):
+        return self.damage(pending)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda replies: dict(list(replies.items())[:-1]),
+    lambda replies: {s: ShardReply(r.output[:, :1], r.compute_s) for s, r in replies.items()},
+    lambda replies: {s: ShardReply(r.output[:1], r.compute_s) for s, r in replies.items()},
+], ids=["an-answer-missing", "one-column", "one-row"])
+def test_a_missing_or_misshapen_answer_fails_the_layer_instead_of_adding_garbage(mixtral_dir, damage):
+    placement = Placement.contiguous(8, 2, capacity=4)
+    shards = [ExpertShard(s, mixtral_dir, placement.experts_of(s)) for s in range(2)]
+    remote = RemoteExperts(0, 8, ShardClient(placement, DamagingTransport(shards, damage)))
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(6)])
+    with pytest.raises(ShardUnavailableError, match="expert shard . answered"):
+        remote(torch.randn(6, 64, generator=gen), ids, torch.rand(6, 2, generator=gen))
 
 
 def test_shard_refuses_experts_it_does_not_hold(mixtral_dir):

@@ -56,7 +56,8 @@ def test_shards_start_with_the_first_replica_and_are_released_when_none_is_left(
         pinned = router.status().cpus
         cores = [tuple(c) for c in pinned.values()]
         assert sorted(pinned) == [0, 1]
-        assert len(os.sched_getaffinity(0)) < 2 or (all(len(c) == 1 for c in cores) and len(set(cores)) == 2)
+        if len(getattr(os, "sched_getaffinity", lambda _: ())(0)) >= 2:
+            assert all(len(c) == 1 for c in cores) and len(set(cores)) == 2
         assert wait_until(lambda: ray.available_resources().get("CPU", 0) <= cpus_before - 1.0 + 1e-6)  # 2 x 0.5 CPU
         # heartbeats keep the group up past the idle period
         for _ in range(10):
