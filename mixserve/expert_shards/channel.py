@@ -356,9 +356,9 @@ class TcpTransport:
         self._generation: dict[int, int] = {}  # shard -> which connection (a request in flight needs its own)
         self._connections = itertools.count(1)
         self._stash: dict[int, ShardReply | str] = {}  # replies read while waiting for others
-        # request id -> (the shard asked, where its answer is read to): only that shard's
-        # connection may fill the buffer
-        self._reply_into: dict[int, tuple[int, torch.Tensor]] = {}
+        # request id -> (the shard asked, where its answer is read to or None), until the answer
+        # comes or the call is abandoned: an answer counts only on the asked shard's connection
+        self._asked: dict[int, tuple[int, torch.Tensor | None]] = {}
         self._abandoned: set[int] = set()  # ids of requests whose step failed: dropped on arrival
         self._wanted: dict[int, str] | None = None
         self._lock = threading.Lock()
@@ -408,8 +408,7 @@ class TcpTransport:
                     raise ShardUnavailableError(f"expert shard {shard} is unreachable: {exc}") from None
                 req_id, rows = fields[-1], fields[3]
                 pending[shard] = _Sent(req_id, self._generation[shard], rows)
-                if requests[shard].reply_into is not None:
-                    self._reply_into[req_id] = (shard, requests[shard].reply_into)
+                self._asked[req_id] = (shard, requests[shard].reply_into)
         except ShardUnavailableError:
             self._abandon(pending, {})  # what already went out to other shards
             raise
@@ -448,7 +447,7 @@ class TcpTransport:
     def _abandon(self, pending: dict[int, _Sent], results: dict[int, ShardReply]) -> None:
         """Forgets the answers still due for a failed call; late ones are dropped on arrival."""
         for shard, sent in pending.items():
-            self._reply_into.pop(sent.id, None)  # a late answer must not land in the caller's buffer
+            self._asked.pop(sent.id, None)  # a late answer must not land in the caller's buffer
             if shard in results or self._stash.pop(sent.id, None) is not None:
                 continue
             if self._generation.get(shard) == sent.connection:  # it may still arrive
@@ -456,11 +455,11 @@ class TcpTransport:
 
     def _forget_stale(self) -> None:
         """Bounds what failed steps leave behind (answers never collected, ids never answered)."""
-        if len(self._stash) + len(self._abandoned) + len(self._reply_into) > 64:
+        if len(self._stash) + len(self._abandoned) + len(self._asked) > 64:
             oldest_kept = next(self._ids) - STALE_IDS
             self._stash = {i: r for i, r in self._stash.items() if i >= oldest_kept}
             self._abandoned = {i for i in self._abandoned if i >= oldest_kept}
-            self._reply_into = {i: t for i, t in self._reply_into.items() if i >= oldest_kept}
+            self._asked = {i: a for i, a in self._asked.items() if i >= oldest_kept}
 
     def _wait_once(self, shards: list[int], timeout_s: float) -> None:
         """Reads the replies that have come in (any shard's: a late one is stashed or dropped),
@@ -485,15 +484,18 @@ class TcpTransport:
         sock = self._socks[shard]
         try:
             _, kind, dtype_code, _, rows, dim, error_bytes, req_id, compute_s, to_shard_s, replied_at = _read_header(sock)
+            asked, into = self._asked.get(req_id, (None, None))
+            if asked is None and req_id not in self._abandoned:
+                raise ProtocolError(f"an answer to request {req_id}, which this replica did not send it")
+            if asked is not None and asked != shard:
+                raise ProtocolError(f"an answer to request {req_id}, which went to shard {asked}")
+            self._asked.pop(req_id, None)
             if kind == ERROR and error_bytes <= MAX_ERROR_BYTES:
                 text = bytearray(error_bytes)
                 _read_into(sock, memoryview(text))
                 reply: ShardReply | str = text.decode(errors="replace")
             elif kind == REPLY and dtype_code in CODE_DTYPES:
-                asked, into = self._reply_into.get(req_id, (None, None))
-                if asked == shard:
-                    del self._reply_into[req_id]
-                out = _read_tensor(sock, rows, dim, CODE_DTYPES[dtype_code], into=into if asked == shard else None)
+                out = _read_tensor(sock, rows, dim, CODE_DTYPES[dtype_code], into=into)
                 reply = ShardReply(out, compute_s, to_shard_s, time.time() - replied_at)
             else:
                 raise ProtocolError(f"bad reply header: kind {kind}, dtype code {dtype_code}")

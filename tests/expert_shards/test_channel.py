@@ -180,6 +180,40 @@ def test_a_peer_speaking_another_protocol_fails_the_layer_with_a_clear_error():
         assert_layer_fails_fast(transport, "not a mixserve channel message")
 
 
+def answer_as(conn, id_shift: int) -> None:
+    """Reads one request and answers it with a well-formed reply under another request's id."""
+    header = HEADER.unpack(conn.recv(HEADER.size, socket.MSG_WAITALL))
+    _, _, dtype_code, k, rows, dim, layer, req_id, *_ = header
+    conn.recv(rows * dim * 4 + rows * k * 8 + rows * k * 4, socket.MSG_WAITALL)  # float32 frames
+    reply = HEADER.pack(MAGIC, REPLY, dtype_code, 0, rows, dim, layer, req_id + id_shift, 0.0, 0.0, 0.0)
+    conn.sendall(reply + bytes(rows * dim * 4))
+    time.sleep(5)  # stays connected: only what it said can fail the layer
+    conn.close()
+
+
+def test_an_answer_to_a_request_the_shard_was_not_sent_fails_the_layer():
+    with transport_to_fake_shard(lambda conn: answer_as(conn, 1000)) as transport:
+        assert_layer_fails_fast(transport, "which this replica did not send it")
+
+
+def test_an_answer_under_another_shard_s_request_id_never_fills_that_shard_s_buffer(server):
+    """Shard 1 answers under shard 0's request id (sent just before its own): the layer fails,
+    and shard 0's buffer holds shard 0's own answer or nothing, never shard 1's zeros."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: answer_as(listener.accept()[0], -1), daemon=True).start()
+    transport = TcpTransport({0: server.address, 1: f"127.0.0.1:{listener.getsockname()[1]}"}, timeout_s=30)
+    try:
+        first, second = request(3, seed=14), request(3, seed=15)
+        first.reply_into = torch.full((3, 8), float("nan"))
+        with pytest.raises(ShardUnavailableError, match="which went to shard 0"):
+            transport.collect(transport.submit(0, {0: first, 1: second}))
+        landed = first.reply_into
+        assert landed.isnan().all() or torch.equal(landed, scaled(0, first.x, first.expert_ids, first.weights))
+    finally:
+        transport.close()
+        listener.close()
+
+
 def test_a_silent_shard_times_out_and_its_late_answer_is_never_taken_for_a_new_one():
     slow = threading.Event()
 
