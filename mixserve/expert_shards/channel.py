@@ -393,20 +393,20 @@ class TcpTransport:
         for shard, req in requests.items():
             x = req.x.contiguous()
             rows, dim = x.shape
-            fields = (REQUEST, DTYPE_CODES[x.dtype], req.expert_ids.shape[1], rows, dim, layer, next(self._ids))
+            req_id = next(self._ids)
+            fields = (REQUEST, DTYPE_CODES[x.dtype], req.expert_ids.shape[1], rows, dim, layer, req_id)
             frames = [_as_bytes(x), _as_bytes(req.expert_ids.to(torch.long)), _as_bytes(req.weights.to(x.dtype))]
-            outgoing.append((shard, fields, frames))
+            outgoing.append((shard, req_id, rows, fields, frames))
         pending: dict[int, _Sent] = {}
         try:
-            socks = [self._connection(shard) for shard, _, _ in outgoing]
-            for sock, (shard, fields, frames) in zip(socks, outgoing):
+            socks = [self._connection(shard) for shard, *_ in outgoing]
+            for sock, (shard, req_id, rows, fields, frames) in zip(socks, outgoing):
                 header = HEADER.pack(MAGIC, *fields, time.time(), 0.0, 0.0)
                 try:
                     _send_all(sock, [memoryview(header), *frames])
                 except OSError as exc:
                     self._disconnect(shard)
                     raise ShardUnavailableError(f"expert shard {shard} is unreachable: {exc}") from None
-                req_id, rows = fields[-1], fields[3]
                 pending[shard] = _Sent(req_id, self._generation[shard], rows)
                 self._asked[req_id] = (shard, requests[shard].reply_into)
         except ShardUnavailableError:
@@ -455,7 +455,8 @@ class TcpTransport:
 
     def _forget_stale(self) -> None:
         """Bounds what failed steps leave behind (answers never collected, ids never answered)."""
-        if len(self._stash) + len(self._abandoned) + len(self._asked) > 64:
+        # (_asked holds every request in flight: only a large backlog there means leftovers.)
+        if len(self._stash) + len(self._abandoned) > 64 or len(self._asked) > 1024:
             oldest_kept = next(self._ids) - STALE_IDS
             self._stash = {i: r for i, r in self._stash.items() if i >= oldest_kept}
             self._abandoned = {i for i in self._abandoned if i >= oldest_kept}

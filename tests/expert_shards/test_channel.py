@@ -85,14 +85,20 @@ def test_an_answer_is_read_straight_into_the_buffer_the_request_names(server):
         transport.close()
 
 
-def test_a_late_answer_to_an_abandoned_request_never_lands_in_its_buffer():
+def slowed(seconds: float, answer):
+    """(an event, a compute giving answer(x) that first sleeps `seconds` while the event is set)."""
     slow = threading.Event()
 
     def compute(layer, x, ids, w):
         if slow.is_set():
-            time.sleep(0.6)
-        return x + 1
+            time.sleep(seconds)
+        return answer(x)
 
+    return slow, compute
+
+
+def test_a_late_answer_to_an_abandoned_request_never_lands_in_its_buffer():
+    slow, compute = slowed(0.6, lambda x: x + 1)
     with channel_to(compute, timeout_s=0.2) as transport:
         slow.set()
         late = request(2, seed=12)
@@ -215,13 +221,7 @@ def test_an_answer_under_another_shard_s_request_id_never_fills_that_shard_s_buf
 
 
 def test_a_silent_shard_times_out_and_its_late_answer_is_never_taken_for_a_new_one():
-    slow = threading.Event()
-
-    def compute(layer, x, ids, w):
-        if slow.is_set():
-            time.sleep(1.0)
-        return x
-
+    slow, compute = slowed(1.0, lambda x: x)
     with channel_to(compute, timeout_s=0.3) as transport:
         slow.set()
         with pytest.raises(ShardUnavailableError, match="did not answer within"):
