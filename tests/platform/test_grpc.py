@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from mixserve import LLM, SamplingParams
 from mixserve.platform.tenants import hash_key, new_key
 from tests.platform.test_serve_http import free_port
+from tests.waiting import wait_until
 
 SERVICE = "mixserve.v1.Mixserve"
 KEYS = {name: new_key() for name in ("main", "once", "elsewhere", "admin")}
@@ -144,10 +145,11 @@ def free_slots(url: str) -> float:
 def test_a_cancelled_stream_frees_its_slot(grpc_door):
     client, url = grpc_door
     long = client.message("GenerateRequest", model="tiny", token_ids=client.message("TokenIds", ids=[1, 2, 3]),
-                          sampling=sampling(client, max_tokens=200, ignore_eos=True))
+                          sampling=sampling(client, max_tokens=250, ignore_eos=True))
     stream = client.call("GenerateStream", long)
     next(stream)
-    time.sleep(0.6)
+    # The gauge comes from replica stats reported twice a second: wait for it (bounded), not a fixed time.
+    wait_until(lambda: free_slots(url) == SLOTS - 1, timeout_s=3, every_s=0.05)
     assert free_slots(url) == SLOTS - 1
     stream.cancel()
     deadline = time.monotonic() + 5
