@@ -202,9 +202,13 @@ def test_an_answer_to_a_request_the_shard_was_not_sent_fails_the_layer():
         assert_layer_fails_fast(transport, "which this replica did not send it")
 
 
-def test_an_answer_under_another_shard_s_request_id_never_fills_that_shard_s_buffer(server):
-    """Shard 1 answers under shard 0's request id (sent just before its own): the layer fails,
-    and shard 0's buffer holds shard 0's own answer or nothing, never shard 1's zeros."""
+def test_an_answer_under_another_shard_s_request_id_never_fills_that_shard_s_buffer():
+    """Shard 1 answers under shard 0's request id (sent just before its own) while shard 0 still
+    computes: the layer fails, and shard 0's buffer holds shard 0's own answer or nothing, never
+    shard 1's zeros."""
+    slow, compute = slowed(0.5, lambda x: x)
+    slow.set()
+    server = ShardServer(lambda layer, x, ids, w: (compute(layer, x, ids, w), scaled(layer, x, ids, w))[1])
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=lambda: answer_as(listener.accept()[0], -1), daemon=True).start()
     transport = TcpTransport({0: server.address, 1: f"127.0.0.1:{listener.getsockname()[1]}"}, timeout_s=30)
@@ -218,6 +222,7 @@ def test_an_answer_under_another_shard_s_request_id_never_fills_that_shard_s_buf
     finally:
         transport.close()
         listener.close()
+        server.close()
 
 
 def test_a_silent_shard_times_out_and_its_late_answer_is_never_taken_for_a_new_one():

@@ -172,11 +172,15 @@ def test_a_client_leaving_mid_stream_frees_its_slot_within_a_second(door):
     while metric(door, "mixserve_cache_slots_free") != ENGINE["max_num_seqs"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric(door, "mixserve_cache_slots_free") == ENGINE["max_num_seqs"]
-    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # As long as the context allows: the stream must still run when the client leaves (tiny decodes
+    # ~250 tokens/s here, and the server's writes fill the socket buffers whether the client reads).
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 250, "ignore_eos": True, "stream": True}
     with requests.post(f"{door}/v1/completions", json=body, headers=alpha, stream=True, timeout=60) as response:
         lines = response.iter_lines()
         next(lines)
-        time.sleep(0.6)  # let the replica report the running request
+        # let the replica report the running request (its stats go out twice a second), then leave at once
+        running = ENGINE["max_num_seqs"] - 1
+        wait_until(lambda: metric(door, "mixserve_cache_slots_free") == running, timeout_s=3, every_s=0.05)
         assert metric(door, "mixserve_cache_slots_free") == ENGINE["max_num_seqs"] - 1
     left = time.monotonic()
     while metric(door, "mixserve_cache_slots_free") != ENGINE["max_num_seqs"] and time.monotonic() - left < 5:
