@@ -14,7 +14,10 @@ start of each step (`begin_step`), so a step in flight finishes on the table it 
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +32,10 @@ from mixserve.expert_shards.shard import ExpertShard
 from mixserve.model.moe import MoeLayer
 
 
+# Layer calls whose load is counted only when read (by the load reporter, about once a second):
+# past this many the call that adds one counts them all (~0.1 ms, amortised to well under 1 us a
+# call), so a replica whose counts nobody reads holds at most a few MB of them.
+MAX_UNCOUNTED_CALLS = 256
 # Integer dtypes as wide as a float dtype: the gate weights' bits travel through numpy as these.
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -112,10 +119,14 @@ class ShardClient:
         self.placement = placement  # the latest published
         self.step_placement = placement  # the one the current step dispatches by
         self.transport = transport
-        # Cumulative slots per shard and per expert (this replica's share of the load the router
-        # sees). numpy: one add a layer call instead of a Python loop.
+        # Slots per shard and per expert (this replica's share of the load the router sees),
+        # counted when read (about once a second) from the (ids, shard_of) arrays each layer call
+        # leaves here: two bincounts and two adds per call cost ~50 us on the dispatch's critical
+        # path with its caches cold. A deque: the step thread appends, the reporter pops.
+        self._uncounted: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._tokens_sent = np.zeros(placement.n_shards, dtype=np.int64)
         self._expert_tokens = np.zeros(placement.num_experts, dtype=np.int64)
+        self._count_lock = threading.Lock()  # readers fold one at a time
         # Per placement: each expert's first holder, and whether any expert has copies.
         self._table: tuple[Placement | None, np.ndarray, bool] = (None, np.empty(0, dtype=np.int64), False)
         self.stats = DispatchStats()
@@ -123,12 +134,25 @@ class ShardClient:
     @property
     def tokens_sent(self) -> list[int]:
         """Slots sent to each shard so far (reported to the router)."""
+        self._count()
         return self._tokens_sent.tolist()
 
     @property
     def expert_tokens(self) -> list[int]:
         """Slots routed to each expert so far."""
+        self._count()
         return self._expert_tokens.tolist()
+
+    def _count(self) -> None:
+        with self._count_lock:
+            calls = []
+            while self._uncounted:
+                calls.append(self._uncounted.popleft())
+            if calls:
+                ids = np.concatenate([i.reshape(-1) for i, _ in calls])
+                shard_of = np.concatenate([s.reshape(-1) for _, s in calls])
+                self._expert_tokens += np.bincount(ids, minlength=len(self._expert_tokens))
+                self._tokens_sent += np.bincount(shard_of, minlength=len(self._tokens_sent))
 
     def set_placement(self, placement: Placement) -> None:
         """Takes effect from the next step; the step in flight keeps the table it latched.
@@ -146,6 +170,7 @@ class ShardClient:
         Largest groups are placed first; ties go to the shard with the fewest tokens so far."""
         load = [0] * placement.n_shards
         parts = []
+        self._count()
         sent = self._tokens_sent
         for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
             holders = sorted(placement.holders[expert], key=lambda s: (load[s], sent[s], s))
@@ -157,12 +182,9 @@ class ShardClient:
                     load[shard] += rows
         return parts
 
-    def route(self, placement: Placement, expert_ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
-        """The shard that computes each slot of expert_ids [T, K] (an int64 [T, K] array), and
-        the shards that got any, most slots first (the busiest finishes last, so it should
-        start first). Counts the load (per expert, per shard) as it goes."""
-        counts = np.bincount(expert_ids.reshape(-1), minlength=placement.num_experts)  # [E]
-        self._expert_tokens += counts
+    def route(self, placement: Placement, expert_ids: np.ndarray) -> np.ndarray:
+        """The shard that computes each slot of expert_ids [T, K] (an int64 [T, K] array that the
+        caller leaves unchanged): an int64 [T, K] array. Counts the load as it goes."""
         if self._table[0] is not placement:
             first = np.array([h[0] for h in placement.holders], dtype=np.int64)
             self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
@@ -171,11 +193,12 @@ class ShardClient:
         # _split_replicated writes through is a view and not a copy (ids may come transposed).
         shard_of = np.ascontiguousarray(first_holder[expert_ids])
         if has_copies:
+            counts = np.bincount(expert_ids.reshape(-1), minlength=placement.num_experts)  # [E]
             self._split_replicated(placement, expert_ids, shard_of, counts.tolist())
-        per_shard = np.bincount(shard_of.reshape(-1), minlength=placement.n_shards)  # [S] slots
-        self._tokens_sent += per_shard
-        slots = per_shard.tolist()  # a few items: Python sorts them faster than numpy's calls start
-        return shard_of, sorted((s for s, n in enumerate(slots) if n), key=slots.__getitem__, reverse=True)
+        self._uncounted.append((expert_ids, shard_of))
+        if len(self._uncounted) > MAX_UNCOUNTED_CALLS:  # read too seldom: keep what waits bounded
+            self._count()
+        return shard_of
 
     def _split_replicated(self, placement: Placement, expert_ids: np.ndarray, shard_of: np.ndarray, counts: list[int]) -> None:
         """Rewrites shard_of [T, K] in place for the experts with copies: their slots, in token
@@ -222,9 +245,10 @@ class RemoteExperts(nn.Module):
         # the gate weights as same-width integers (numpy has no bfloat16; all-zero bits are +0.0).
         ids = expert_ids.cpu().numpy()  # [T, K] int64
         weight_bits = weights.cpu().view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
-        shard_of, shards = client.route(client.step_placement, ids)  # [T, K], [S'] busiest first
-        held = shard_of[None] == np.array(shards)[:, None, None]  # [S', T, K]
-        # Rows of every shard's request, one after another in `shards` order (N = sum of T_s).
+        placement = client.step_placement
+        shard_of = client.route(placement, ids)  # [T, K]
+        held = shard_of[None] == np.arange(placement.n_shards)[:, None, None]  # [S, T, K]
+        # Rows of every shard's request, one after another in shard order (N = sum of T_s).
         shard_pos, token = np.nonzero(held.any(axis=2))  # [N], [N]
         held_slots = held[shard_pos, token]  # [N, K]
         ids_all = torch.from_numpy(np.where(held_slots, ids[token], -1))  # [N, K]
@@ -232,13 +256,13 @@ class RemoteExperts(nn.Module):
         token_index = torch.from_numpy(token).to(x.device)
         x_all = x.index_select(0, token_index)  # [N, D]
         replies_all = torch.empty_like(x_all)  # [N, D]: each shard's answer lands in its rows
-        ends = np.cumsum(np.bincount(shard_pos, minlength=len(shards))).tolist()
+        rows = np.bincount(shard_pos, minlength=placement.n_shards).tolist()  # [S] (a few items: Python from here)
+        starts = list(itertools.accumulate(rows, initial=0))
         requests: dict[int, ShardRequest] = {}
-        start = 0
-        for shard, end in zip(shards, ends):
-            requests[shard] = ShardRequest(x_all[start:end], ids_all[start:end], weights_all[start:end],
-                                           reply_into=replies_all[start:end])
-            start = end
+        # The shard with the most tokens first: it likely finishes last, so it should start first.
+        for shard in sorted((s for s in range(placement.n_shards) if rows[s]), key=rows.__getitem__, reverse=True):
+            part = slice(starts[shard], starts[shard + 1])
+            requests[shard] = ShardRequest(x_all[part], ids_all[part], weights_all[part], reply_into=replies_all[part])
 
         transport, stats = client.transport, client.stats
         routed = time.perf_counter()

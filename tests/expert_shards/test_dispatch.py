@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from mixserve import LLM, SamplingParams
 from mixserve.errors import CheckpointError
 from mixserve.expert_shards.dispatch import (
+    MAX_UNCOUNTED_CALLS,
     InProcessTransport,
     RemoteExperts,
     ShardClient,
@@ -130,10 +132,45 @@ def test_a_replicated_expert_is_split_over_its_holders_whatever_the_ids_layout()
     placement = Placement.contiguous(8, 4, capacity=3).with_replica(0, 2)
     rows = torch.tensor([[0, e] for e in (1, 2, 3, 4, 5, 6, 7, 1, 2, 3)])  # expert 0 in every token
     for ids in (rows, rows.t().contiguous().t()):  # row-major, and the same values column-major
-        shard_of, _ = ShardClient(placement, InProcessTransport([])).route(placement, ids.numpy())
+        shard_of = ShardClient(placement, InProcessTransport([])).route(placement, ids.numpy())
         zero_goes_to = shard_of[ids.numpy() == 0]
         assert sorted(set(zero_goes_to.tolist())) == [0, 2]
         assert abs(int((zero_goes_to == 0).sum()) - int((zero_goes_to == 2).sum())) <= 1
+
+
+def test_the_load_counts_hold_every_slot_routed_even_read_while_routing():
+    # Counted when read, from what each call leaves behind: a reader on another thread (the load
+    # reporter) loses nothing, and what waits uncounted stays bounded when nobody reads.
+    placement = Placement.contiguous(8, 4, capacity=3).with_replica(0, 2)
+    client = ShardClient(placement, InProcessTransport([]))
+    gen = torch.Generator().manual_seed(0)
+    expected_shards, expected_experts = np.zeros(4, dtype=np.int64), np.zeros(8, dtype=np.int64)
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.wait(0.0002):
+            assert len(client.tokens_sent) == 4 and len(client.expert_tokens) == 8
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(3000):
+            first = torch.randint(0, 8, (5, 1), generator=gen)
+            ids = torch.cat([first, (first + torch.randint(1, 8, (5, 1), generator=gen)) % 8], dim=1)  # distinct pairs
+            shard_of = client.route(placement, ids.numpy())
+            expected_shards += np.bincount(shard_of.reshape(-1), minlength=4)
+            expected_experts += np.bincount(ids.reshape(-1).numpy(), minlength=8)
+    finally:
+        stop.set()
+        reader.join()
+    assert client.tokens_sent == expected_shards.tolist()
+    assert client.expert_tokens == expected_experts.tolist()
+
+    unread = ShardClient(placement, InProcessTransport([]))
+    for _ in range(1000):
+        unread.route(placement, np.array([[1, 2], [3, 4]]))
+    assert len(unread._uncounted) <= MAX_UNCOUNTED_CALLS
+    assert unread.expert_tokens == [0, 1000, 1000, 1000, 1000, 0, 0, 0]
 
 
 class DamagingTransport(InProcessTransport):
