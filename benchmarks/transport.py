@@ -51,10 +51,11 @@ CHOICE = (
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
-    """Median and p99 in milliseconds."""
+    """Median, mean and p99 in milliseconds."""
     ordered = sorted(samples)
     return {
         "median_ms": statistics.median(ordered) * 1e3,
+        "mean_ms": statistics.fmean(ordered) * 1e3,
         "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3,
     }
 

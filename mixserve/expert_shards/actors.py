@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mixserve.expert_shards.channel import ShardServer
 from mixserve.expert_shards.cpu_pinning import cores_for_slot, node_local_slots, pin_this_process
-from mixserve.expert_shards.dispatch import ShardReply, ShardRequest, ShardUnavailableError
+from mixserve.expert_shards.dispatch import Arrived, ShardReply, ShardRequest, ShardUnavailableError, report_arrivals
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
 from mixserve.model.allocator import keep_freed_memory
@@ -105,7 +105,7 @@ class RayActorTransport:
         }
         return layer, refs
 
-    def collect(self, pending: tuple[int, dict]) -> dict[int, ShardReply]:
+    def collect(self, pending: tuple[int, dict], arrived: Arrived | None = None) -> dict[int, ShardReply]:
         layer, refs = pending
         try:
             outs = ray.get(list(refs.values()), timeout=self.timeout_s)
@@ -116,7 +116,7 @@ class RayActorTransport:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise ShardUnavailableError(f"expert shard failed during layer {layer}: {type(exc).__name__}") from exc
         # from_wire copies Ray's read-only object-store views; [T, D] is cheap next to the hop.
-        return {sid: ShardReply(from_wire(out), seconds) for sid, (out, seconds) in zip(refs, outs)}
+        return report_arrivals({sid: ShardReply(from_wire(out), seconds) for sid, (out, seconds) in zip(refs, outs)}, arrived)
 
 
 @dataclass

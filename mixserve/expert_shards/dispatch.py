@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -74,6 +74,9 @@ class DispatchStats:
     to_shard_s: float = 0.0  # the request's trip to the last shard to answer (wall clocks)
     from_shard_s: float = 0.0  # that shard's reply's trip back
     combine_s: float = 0.0  # add the shards' weighted rows back to their tokens
+    # Each recent call's dispatch overhead: route + send + wait - the slowest shard's compute +
+    # combine (the sums above give its mean; these its median and tail).
+    overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=8192))
 
     def reset(self) -> None:
         self.__init__()
@@ -89,8 +92,22 @@ class Transport(Protocol):
     def submit(self, layer: int, requests: dict[int, ShardRequest]) -> object:
         ...
 
-    def collect(self, pending: object) -> dict[int, ShardReply]:
+    def collect(self, pending: object, arrived: Arrived | None = None) -> dict[int, ShardReply]:
+        """Every shard's answer. `arrived(shard, reply)` is called for each as it comes in,
+        before the others (the caller combines while the rest still compute); an exception it
+        raises fails the call like a shard's error."""
         ...
+
+
+Arrived = Callable[[int, ShardReply], None]
+
+
+def report_arrivals(replies: dict[int, ShardReply], arrived: Arrived | None) -> dict[int, ShardReply]:
+    """For transports whose answers all come at once: `arrived` for each, then the answers."""
+    if arrived is not None:
+        for shard, reply in replies.items():
+            arrived(shard, reply)
+    return replies
 
 
 class InProcessTransport:
@@ -107,8 +124,8 @@ class InProcessTransport:
             replies[sid] = ShardReply(out, time.perf_counter() - start)
         return replies
 
-    def collect(self, pending):
-        return pending
+    def collect(self, pending, arrived=None):
+        return report_arrivals(pending, arrived)
 
 
 class ShardClient:
@@ -236,8 +253,8 @@ class RemoteExperts(nn.Module):
         x [T, D], expert_ids [T, K], weights [T, K] (x's dtype)."""
         began = time.perf_counter()
         client = self.client
-        # Every shard's request in one pass, a fixed number of calls whatever the number of shards,
-        # and one scatter-add to combine: the attention side runs this between big matmuls with
+        # Every shard's request in one pass, a fixed number of calls whatever the number of shards
+        # (and a scatter-add per answer as it comes): the attention side runs this between big matmuls with
         # its caches cold, where each torch or numpy call costs ~5-20 us instead of 1-5 (32
         # tokens after a 16 MB matmul, 8 shards: route and pack 0.35-0.37 ms against 0.44-0.47
         # with a dozen calls per shard, combine 0.08 against 0.12; at 2 shards ~0.3 ms both). The
@@ -259,9 +276,10 @@ class RemoteExperts(nn.Module):
         rows = np.bincount(shard_pos, minlength=placement.n_shards).tolist()  # [S] (a few items: Python from here)
         starts = list(itertools.accumulate(rows, initial=0))
         requests: dict[int, ShardRequest] = {}
+        parts: dict[int, slice] = {}  # each shard's rows of the [N] arrays
         # The shard with the most tokens first: it likely finishes last, so it should start first.
         for shard in sorted((s for s in range(placement.n_shards) if rows[s]), key=rows.__getitem__, reverse=True):
-            part = slice(starts[shard], starts[shard + 1])
+            parts[shard] = part = slice(starts[shard], starts[shard + 1])
             requests[shard] = ShardRequest(x_all[part], ids_all[part], weights_all[part], reply_into=replies_all[part])
 
         transport, stats = client.transport, client.stats
@@ -274,27 +292,39 @@ class RemoteExperts(nn.Module):
 
         result = torch.zeros_like(x)  # [T, D], allocated before the wait rather than after it
 
+        combine_s = 0.0
+
+        def add(shard: int, reply: ShardReply) -> None:
+            # One shard's answer, added to its tokens while the other shards may still compute.
+            nonlocal combine_s
+            added = time.perf_counter()
+            part, into = parts[shard], requests[shard].reply_into
+            if reply.output.shape != into.shape:  # never add what was not answered
+                raise ShardUnavailableError(f"expert shard {shard} answered {list(reply.output.shape)} for {list(into.shape)}")
+            if reply.output is not into:  # this transport could not read it in place
+                into.copy_(reply.output)
+            # Each token gets its (at most K) slots' weighted rows from one or more shards, in
+            # the order they answer: with two slots per token, adding them to zero in either
+            # order gives the same sum, bit for bit (with K > 2 the last bit could vary).
+            result.index_add_(0, token_index[part], into)
+            combine_s += time.perf_counter() - added
+
         def finish() -> torch.Tensor:
             waited = time.perf_counter()
-            replies = transport.collect(pending)
-            answered = time.perf_counter()
-            for shard, request in requests.items():
-                reply, into = replies.get(shard), request.reply_into
-                if reply is None or reply.output.shape != into.shape:  # never add what was not answered
-                    got = "nothing" if reply is None else list(reply.output.shape)
-                    raise ShardUnavailableError(f"expert shard {shard} answered {got} for {list(into.shape)}")
-                if reply.output is not into:  # this transport could not read it in place
-                    into.copy_(reply.output)
-            # Each token gets its (at most K) slots' weighted rows from one or more shards; with
-            # two slots per token, adding them to zero in either order gives the same sum.
-            result.index_add_(0, token_index, replies_all)
-            stats.wait_s += answered - waited
-            stats.expert_s += max((r.compute_s for r in replies.values()), default=0.0)
+            replies = transport.collect(pending, add)
+            done = time.perf_counter()
+            for shard, request in requests.items():  # never return rows that were not answered
+                if shard not in replies:
+                    raise ShardUnavailableError(f"expert shard {shard} answered nothing for {list(request.reply_into.shape)}")
+            slowest = max((r.compute_s for r in replies.values()), default=0.0)
+            stats.wait_s += done - waited - combine_s
+            stats.combine_s += combine_s
+            stats.expert_s += slowest
             last = max(replies.values(), key=lambda r: r.to_shard_s + r.compute_s + r.from_shard_s, default=None)
             if last is not None:
                 stats.to_shard_s += last.to_shard_s
                 stats.from_shard_s += last.from_shard_s
-            stats.combine_s += time.perf_counter() - answered
+            stats.overheads_s.append((sent - began) + (done - waited) - slowest)
             return result
 
         return finish

@@ -97,6 +97,43 @@ def slowed(seconds: float, answer):
     return slow, compute
 
 
+def test_each_answer_is_handed_over_as_it_arrives_before_a_slower_shard_answers(server):
+    """The replica adds a shard's rows while the others still compute."""
+    slow = ShardServer(lambda layer, x, ids, w: (time.sleep(0.5), -x)[1])
+    transport = TcpTransport({0: server.address, 1: slow.address})
+    try:
+        reqs = {1: request(4, seed=3), 0: request(5, seed=4)}  # the slow shard is sent first
+        arrivals = []
+        replies = transport.collect(transport.submit(1, reqs), lambda shard, reply: arrivals.append((shard, reply, time.monotonic())))
+        returned = time.monotonic()
+        assert [shard for shard, _, _ in arrivals] == [0, 1]
+        assert returned - arrivals[0][2] > 0.3  # shard 0's answer was handed over long before shard 1's came
+        assert all(replies[shard] is reply for shard, reply, _ in arrivals)
+    finally:
+        transport.close()
+        slow.close()
+
+
+def test_a_failure_while_handling_an_answer_fails_the_layer_and_leaves_the_channel_usable(server):
+    slow = ShardServer(lambda layer, x, ids, w: (time.sleep(0.3), -x)[1])
+    transport = TcpTransport({0: server.address, 1: slow.address})
+
+    def refuse(shard, reply):
+        raise RuntimeError("could not add it")
+
+    try:
+        with pytest.raises(RuntimeError, match="could not add it"):
+            transport.collect(transport.submit(0, {0: request(2, seed=5), 1: request(2, seed=6)}), refuse)
+        fresh = {0: request(3, seed=7), 1: request(3, seed=8)}  # shard 1's late answer is dropped, not taken for these
+        replies = transport.collect(transport.submit(0, fresh))
+        assert torch.equal(replies[1].output, -fresh[1].x)
+        assert torch.equal(replies[0].output, scaled(0, fresh[0].x, fresh[0].expert_ids, fresh[0].weights))
+        assert not transport._stash and not transport._asked  # nothing of the failed layer is kept
+    finally:
+        transport.close()
+        slow.close()
+
+
 def test_a_late_answer_to_an_abandoned_request_never_lands_in_its_buffer():
     slow, compute = slowed(0.6, lambda x: x + 1)
     with channel_to(compute, timeout_s=0.2) as transport:
@@ -327,6 +364,35 @@ def test_a_hostile_header_costs_only_its_own_connection(server, header):
         assert torch.equal(answer(transport, req), scaled(0, req.x, req.expert_ids, req.weights))
     finally:
         transport.close()
+
+
+def test_a_request_that_arrives_in_pieces_is_read_whole(server):
+    """Frames read with one call when they are all there, and piece by piece when not: cuts
+    inside the magic, the header and each frame, and across frame boundaries."""
+    req = request(3, seed=14)
+    frames = [req.x.numpy().tobytes(), req.expert_ids.numpy().tobytes(), req.weights.numpy().tobytes()]
+    message = HEADER.pack(MAGIC, REQUEST, 0, 2, 3, 8, 1, 77, 0.0, 0.0, 0.0) + b"".join(frames)
+    cuts = [2, 30, 60, 52 + 96, 52 + 96 + 5, 52 + 96 + 48, 52 + 96 + 48 + 7, len(message)]
+    host, port = server.address.rsplit(":", 1)
+    peer = socket.create_connection((host, int(port)))
+    try:
+        start = 0
+        for cut in cuts:
+            peer.sendall(message[start:cut])
+            start = cut
+            time.sleep(0.02)
+        peer.settimeout(5)
+        reply = b""
+        while len(reply) < HEADER.size + 3 * 8 * 4:
+            chunk = peer.recv(4096)
+            assert chunk, "the shard hung up"
+            reply += chunk
+        fields = HEADER.unpack(reply[:HEADER.size])
+        assert fields[1] == REPLY and fields[4:8] == (3, 8, 1, 77)
+        got = torch.frombuffer(bytearray(reply[HEADER.size:]), dtype=torch.float32).reshape(3, 8)
+        assert torch.equal(got, scaled(1, req.x, req.expert_ids, req.weights))
+    finally:
+        peer.close()
 
 
 def test_a_restarted_shard_is_reached_at_its_new_address():

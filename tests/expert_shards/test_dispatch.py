@@ -18,6 +18,7 @@ from mixserve.expert_shards.dispatch import (
     ShardReply,
     ShardUnavailableError,
     remote_feed_forward,
+    report_arrivals,
 )
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
@@ -180,8 +181,8 @@ class DamagingTransport(InProcessTransport):
         super().__init__(shards)
         self.damage = damage
 
-    def collect(self, pending):
-        return self.damage(pending)
+    def collect(self, pending, arrived=None):
+        return report_arrivals(self.damage(pending), arrived)
 
 
 @pytest.mark.parametrize("damage", [
