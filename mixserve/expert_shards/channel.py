@@ -154,12 +154,17 @@ def _receive(sock: socket.socket, buffers: list[memoryview], deadline: float | N
         if n == 0:
             raise ConnectionError("connection closed")
         got += n
-        while buffers and n >= len(buffers[0]):
-            n -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and n:
-            buffers[0] = buffers[0][n:]
+        _advance(buffers, n)
     return got
+
+
+def _advance(buffers: list[memoryview], n: int) -> None:
+    """Drops the first n bytes from a list of buffers (those a system call just moved)."""
+    while buffers and n >= len(buffers[0]):
+        n -= len(buffers[0])
+        buffers.pop(0)
+    if buffers and n:
+        buffers[0] = buffers[0][n:]
 
 
 def _read_header(sock: socket.socket, deadline: float | None = None) -> tuple:
@@ -195,11 +200,7 @@ def _send_all(sock: socket.socket, buffers: list[memoryview]) -> list[memoryview
             sent = sock.sendmsg(buffers[:IOV_BATCH])
         except BlockingIOError:
             return buffers
-        while buffers and sent >= len(buffers[0]):
-            sent -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and sent:
-            buffers[0] = buffers[0][sent:]
+        _advance(buffers, sent)
     return buffers
 
 
