@@ -155,6 +155,7 @@ def breakdown(topo: Topology, folder: Path, n: int, new_tokens: int) -> dict[str
     per["gate_s"] = gate_ms(folder, engine, n)
     per["transfer_s"] = per["wait_s"] - per["expert_s"]
     per["overhead_s"] = per["route_s"] + per["send_s"] + per["transfer_s"] + per["combine_s"]
+    per["overhead_median_s"] = 1e3 * statistics.median(stats.overheads_s)
     return per
 
 
@@ -250,18 +251,23 @@ def main() -> None:
                       ("to_shard_s", "request on the wire (last shard to answer)"),
                       ("expert_s", "expert compute (slowest shard)"),
                       ("from_shard_s", "reply on the wire (last shard to answer)"),
-                      ("wait_s", "wait (blocked from send to last answer)"),
+                      ("wait_s", "wait (blocked from send to last answer, less the adds made meanwhile)"),
                       ("transfer_s", "wait - expert compute"),
-                      ("combine_s", "combine"), ("overhead_s", "dispatch overhead (route + send + wait - compute + combine)")]
+                      ("combine_s", "combine (each answer added as it arrives)"),
+                      ("overhead_s", "dispatch overhead (route + send + wait - compute + combine), mean"),
+                      ("overhead_median_s", "dispatch overhead, median layer call")]
+            echo = f"tcp echo of [{rows_per_shard}, {args.dim}] to {N_SHARDS} shards"
             split = format_table(["per MoE layer, ms", f"c={top}"], [[label, parts[key]] for key, label in labels] + [
-                [f"raw round trip, tcp echo of [{rows_per_shard}, {args.dim}] to {N_SHARDS} shards, back to back (median)", raw["median_ms"]],
-                ["overhead / raw round trip (back to back)", parts["overhead_s"] / raw["median_ms"]],
+                [f"raw round trip, {echo}, back to back: median / mean", f"{raw['median_ms']:.2f} / {raw['mean_ms']:.2f}"],
+                ["overhead / raw round trip (back to back): median / median, mean / mean",
+                 f"{parts['overhead_median_s'] / raw['median_ms']:.2f} / {parts['overhead_s'] / raw['mean_ms']:.2f}"],
                 ["idle gap the shards see between layers in the decode run", parts["gap_s"]],
                 ["raw round trip, the same echo after that idle gap (median)", raw_gapped["median_ms"]],
-                ["overhead / raw round trip (after the gap)", parts["overhead_s"] / raw_gapped["median_ms"]],
+                ["overhead / raw round trip (after the gap), median / median", parts["overhead_median_s"] / raw_gapped["median_ms"]],
                 ["raw round trip, the same echo right after one layer's attention projections (median)",
                  raw_after_attention["median_ms"]],
-                ["overhead / raw round trip (after the projections)", parts["overhead_s"] / raw_after_attention["median_ms"]],
+                ["overhead / raw round trip (after the projections), median / median",
+                 parts["overhead_median_s"] / raw_after_attention["median_ms"]],
             ])
             balance_rows = []
             imbalance, rate, expert_tokens = balance_run(topo, top, ns.new_tokens, 1)
@@ -300,7 +306,10 @@ def main() -> None:
             f"({DEFAULT_THREADS} threads), same "
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "
             "the three engines alternating within each round. "
-            "'x single' > 1 means the topology is faster. The raw round trip is measured three times: back to back "
+            "'x single' > 1 means the topology is faster. The dispatch overhead is given as the mean over layer calls "
+            "(the sum of the parts above it) and as the median layer call; each is set against the echo's median and "
+            "mean (a few calls a hundred that the VM's scheduler delays by milliseconds move a mean, not a median). "
+            "The raw round trip is measured three times: back to back "
             "(the transport's best case, all its code and data in cache); after the idle gap the shards really see "
             "between layers (on this VM a core that idled a few ms takes far longer to wake, whatever carries the "
             "bytes); and right after one layer's attention projections, which leave the sender's caches as a decode "
