@@ -6,7 +6,8 @@ For each model, in one run on a local Ray cluster:
   (TCP channels), with ping-pong micro-batches off and on;
 - the per-layer dispatch breakdown (gate, route and pack, send, exposed wait, expert compute
   as the shards report it, send + receive, combine) against the raw round trip of the same
-  transport and payload (an echo, measured in the same run);
+  transport and payload (a round trip through the same shards that computes nothing, measured
+  in the same run);
 - load balance (max/mean tokens per shard) and tokens/s before and after replicating the
   hottest expert, on a checkpoint whose gates favour one expert (and on the demo checkpoint).
 
@@ -43,11 +44,11 @@ import torch  # noqa: E402
 
 from benchmarks.common import ROOT, format_table, median_time, write_results  # noqa: E402
 from benchmarks.engine import ensure_checkpoint, prompts  # noqa: E402
-from benchmarks.transport import measure_tcp  # noqa: E402
+from benchmarks.transport import summarize  # noqa: E402
 from mixserve import SamplingParams  # noqa: E402
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group  # noqa: E402
 from mixserve.expert_shards.channel import TcpTransport  # noqa: E402
-from mixserve.expert_shards.dispatch import ShardClient, remote_feed_forward  # noqa: E402
+from mixserve.expert_shards.dispatch import ShardClient, ShardRequest, remote_feed_forward  # noqa: E402
 from mixserve.expert_shards.placement import Placement, max_over_mean  # noqa: E402
 from mixserve.model import ModelArgs, load_model  # noqa: E402
 from mixserve.model.moe import top_k_gating  # noqa: E402
@@ -113,6 +114,32 @@ def start_topology(folder: Path, placement: Placement, max_seqs: int, threads: i
     tokenizer = Tokenizer.from_checkpoint(folder)
     engines = {mb: LLMEngine(model, tokenizer, engine_config(max_seqs, mb, heavy_op_threads)) for mb in (1, 2)}
     return Topology(group, client, engines, threads)
+
+
+def measure_shard_round_trip(topo: Topology, rows: int, dim: int, k: int, iters: int, gap_s: float = 0.0,
+                             between: Callable[[], object] | None = None) -> dict[str, float]:
+    """The raw round trip of the topology's own transport: the same shard processes (pinned as
+    in decode), channels and reply buffers, each shard sent [rows, dim] whose slots all belong
+    elsewhere (expert id -1), so it computes nothing and answers zeros. Each sample is the wall
+    time less the slowest shard's reported compute (its checks of the ids), the subtraction the
+    dispatch overhead makes. With gap_s the sender idles that long first, as between layers; with
+    `between` it runs that first (untimed), as its attention does before a layer's dispatch."""
+    transport = topo.client.transport
+    requests = {shard: ShardRequest(torch.randn(rows, dim), torch.full((rows, k), -1), torch.zeros(rows, k),
+                                    reply_into=torch.empty(rows, dim))
+                for shard in range(topo.client.placement.n_shards)}
+    samples = []
+    for i in range(iters + 20):
+        if gap_s:
+            time.sleep(gap_s)
+        if between is not None:
+            between()
+        start = time.perf_counter()
+        replies = transport.collect(transport.submit(0, requests))
+        wall = time.perf_counter() - start
+        if i >= 20:  # after a warm-up
+            samples.append(wall - max(reply.compute_s for reply in replies.values()))
+    return summarize(samples)
 
 
 def gate_ms(folder: Path, engine: LLMEngine, n_tokens: int) -> float:
@@ -243,10 +270,11 @@ def main() -> None:
 
             parts = breakdown(topo, folder, top, ns.new_tokens)
             rows_per_shard = top * args.num_experts_per_tok // N_SHARDS
-            raw = measure_tcp(rows_per_shard, args.dim, 200)
-            raw_gapped = measure_tcp(rows_per_shard, args.dim, 100, gap_s=parts["gap_s"] / 1e3)
-            raw_after_attention = measure_tcp(rows_per_shard, args.dim, 100,
-                                              between=attention_projections(topo.engines[1], args.dim, top, heavy))
+            k = args.num_experts_per_tok
+            raw = measure_shard_round_trip(topo, rows_per_shard, args.dim, k, 200)
+            raw_gapped = measure_shard_round_trip(topo, rows_per_shard, args.dim, k, 100, gap_s=parts["gap_s"] / 1e3)
+            raw_after_attention = measure_shard_round_trip(
+                topo, rows_per_shard, args.dim, k, 100, between=attention_projections(topo.engines[1], args.dim, top, heavy))
             labels = [("gate_s", "gate (logits + top-2)"), ("route_s", "route and pack"), ("send_s", "send (hand to the channel)"),
                       ("to_shard_s", "request on the wire (last shard to answer)"),
                       ("expert_s", "expert compute (slowest shard)"),
@@ -256,15 +284,15 @@ def main() -> None:
                       ("combine_s", "combine (each answer added as it arrives)"),
                       ("overhead_s", "dispatch overhead (route + send + wait - compute + combine), mean"),
                       ("overhead_median_s", "dispatch overhead, median layer call")]
-            echo = f"tcp echo of [{rows_per_shard}, {args.dim}] to {N_SHARDS} shards"
+            echo = f"[{rows_per_shard}, {args.dim}] to each of the {N_SHARDS} shards and back"
             split = format_table(["per MoE layer, ms", f"c={top}"], [[label, parts[key]] for key, label in labels] + [
                 [f"raw round trip, {echo}, back to back: median / mean", f"{raw['median_ms']:.2f} / {raw['mean_ms']:.2f}"],
                 ["overhead / raw round trip (back to back): median / median, mean / mean",
                  f"{parts['overhead_median_s'] / raw['median_ms']:.2f} / {parts['overhead_s'] / raw['mean_ms']:.2f}"],
                 ["idle gap the shards see between layers in the decode run", parts["gap_s"]],
-                ["raw round trip, the same echo after that idle gap (median)", raw_gapped["median_ms"]],
+                ["raw round trip, the same after that idle gap (median)", raw_gapped["median_ms"]],
                 ["overhead / raw round trip (after the gap), median / median", parts["overhead_median_s"] / raw_gapped["median_ms"]],
-                ["raw round trip, the same echo right after one layer's attention projections (median)",
+                ["raw round trip, the same right after one layer's attention projections (median)",
                  raw_after_attention["median_ms"]],
                 ["overhead / raw round trip (after the projections), median / median",
                  parts["overhead_median_s"] / raw_after_attention["median_ms"]],
@@ -307,9 +335,12 @@ def main() -> None:
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "
             "the three engines alternating within each round. "
             "'x single' > 1 means the topology is faster. The dispatch overhead is given as the mean over layer calls "
-            "(the sum of the parts above it) and as the median layer call; each is set against the echo's median and "
+            "(the sum of the parts above it) and as the median layer call; each is set against the raw round trip's median and "
             "mean (a few calls a hundred that the VM's scheduler delays by milliseconds move a mean, not a median). "
-            "The raw round trip is measured three times: back to back "
+            "The raw round trip goes through the topology's own shards and TCP channels (each shard sent "
+            "[rows, dim] with every slot marked as computed elsewhere, so it answers zeros at once; its reported compute, "
+            "the checks of the ids, is subtracted as the overhead subtracts the experts' compute). It is measured "
+            "three times: back to back "
             "(the transport's best case, all its code and data in cache); after the idle gap the shards really see "
             "between layers (on this VM a core that idled a few ms takes far longer to wake, whatever carries the "
             "bytes); and right after one layer's attention projections, which leave the sender's caches as a decode "
