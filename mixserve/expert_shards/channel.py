@@ -2,10 +2,10 @@
 
 Why plain sockets, and not what Ray offers (figures from benchmarks/transport.py on the 2-core CI
 machine, one layer = [rows, 1024] float32 to 2 shards and back, medians): Ray actor calls cost
-1.5 / 1.7 / 5.0 ms at 1 / 8 / 32 rows per shard, too much for a hop every layer of every step;
-a Ray Compiled Graph costs 0.4-0.5 ms, but an actor can only run one compiled graph at a
+1.2 / 1.5 / 4.9 ms at 1 / 8 / 32 rows per shard, too much for a hop every layer of every step;
+a Ray Compiled Graph costs 0.45-0.7 ms, but an actor can only run one compiled graph at a
 time, so a second attention replica could not share the shards; a torch.distributed gloo group
-(also about 0.45 ms) has a membership fixed at rendezvous. This channel: 0.26-0.32 ms.
+(about 0.5 ms) has a membership fixed at rendezvous. This channel: 0.22-0.32 ms.
 Autoscaled replicas come and go, so each replica needs its own channel to each shard that it
 can open and drop alone: one TCP connection per (replica, shard).
 
