@@ -173,9 +173,11 @@ def _read_header(sock: socket.socket, deadline: float | None = None) -> tuple:
     than after a wait for a whole header it may never send."""
     raw = bytearray(HEADER.size)
     view = memoryview(raw)
-    got = _receive(sock, [view], deadline, at_least=len(MAGIC))
-    if raw[:len(MAGIC)] != MAGIC:
-        raise ProtocolError("not a mixserve channel message (or another protocol version)")
+    got = 0
+    while got < len(MAGIC):
+        got += _receive(sock, [view[got:]], deadline, at_least=1)
+        if not MAGIC.startswith(raw[:min(got, len(MAGIC))]):
+            raise ProtocolError("not a mixserve channel message (or another protocol version)")
     _receive(sock, [view[got:]], deadline)
     return HEADER.unpack(raw)
 
@@ -309,6 +311,8 @@ class ShardServer:
         dtype = CODE_DTYPES.get(dtype_code)
         if kind != REQUEST or dtype is None or not 1 <= k <= MAX_K:
             raise ProtocolError(f"bad request header: kind {kind}, dtype code {dtype_code}, k {k}")
+        if rows * (dim * dtype.itemsize + k * (8 + dtype.itemsize)) > MAX_FRAME_BYTES:  # all three are allocated at once
+            raise ProtocolError(f"a request of [{rows}, {dim}] rows is over the channel's limit")
         x, expert_ids, weights = _frame(rows, dim, dtype), _frame(rows, k, torch.long), _frame(rows, k, dtype)
         _receive(conn.sock, [_as_bytes(x), _as_bytes(expert_ids), _as_bytes(weights)], deadline)  # all three at once
         received_at = time.time()
@@ -456,7 +460,7 @@ class TcpTransport:
                 if remaining <= 0:
                     raise ShardUnavailableError(f"expert shards {missing} did not answer within {self.timeout_s:.0f}s")
                 self._wait_once(missing, remaining)
-        except Exception:  # a shard's failure, or `arrived`'s: the answers still due are dropped on arrival
+        except BaseException:  # a shard's failure, `arrived`'s, an interrupt: the answers still due are dropped on arrival
             self._abandon(pending, results)
             raise
 

@@ -93,9 +93,10 @@ class Transport(Protocol):
         ...
 
     def collect(self, pending: object, arrived: Arrived | None = None) -> dict[int, ShardReply]:
-        """Every shard's answer. `arrived(shard, reply)` is called for each as it comes in,
-        before the others (the caller combines while the rest still compute); an exception it
-        raises fails the call like a shard's error."""
+        """Every shard's answer. `arrived(shard, reply)` is called once for each: as it comes
+        in, before the others, where the transport reads answers one by one (the caller then
+        combines while the rest still compute), else once all are in. An exception it raises
+        fails the call like a shard's error."""
         ...
 
 
@@ -143,33 +144,41 @@ class ShardClient:
         self._uncounted: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._tokens_sent = np.zeros(placement.n_shards, dtype=np.int64)
         self._expert_tokens = np.zeros(placement.num_experts, dtype=np.int64)
-        self._count_lock = threading.Lock()  # readers fold one at a time
+        self._count_lock = threading.Lock()  # one fold at a time
+        # Slots `assign` has given each shard so far: its tie-break, kept apart from the counts
+        # above so that splitting a replicated expert never waits for a fold.
+        self._assigned = [0] * placement.n_shards
         # Per placement: each expert's first holder, and whether any expert has copies.
         self._table: tuple[Placement | None, np.ndarray, bool] = (None, np.empty(0, dtype=np.int64), False)
         self.stats = DispatchStats()
 
     @property
     def tokens_sent(self) -> list[int]:
-        """Slots sent to each shard so far (reported to the router)."""
-        self._count()
-        return self._tokens_sent.tolist()
+        """Slots sent to each shard so far."""
+        return self.load_counts()[0]
 
     @property
     def expert_tokens(self) -> list[int]:
         """Slots routed to each expert so far."""
-        self._count()
-        return self._expert_tokens.tolist()
+        return self.load_counts()[1]
+
+    def load_counts(self) -> tuple[list[int], list[int]]:
+        """(slots sent to each shard, slots routed to each expert) so far, both over the same
+        layer calls (what the load reporter sends the router)."""
+        with self._count_lock:
+            self._count()
+            return self._tokens_sent.tolist(), self._expert_tokens.tolist()
 
     def _count(self) -> None:
-        with self._count_lock:
-            calls = []
-            while self._uncounted:
-                calls.append(self._uncounted.popleft())
-            if calls:
-                ids = np.concatenate([i.reshape(-1) for i, _ in calls])
-                shard_of = np.concatenate([s.reshape(-1) for _, s in calls])
-                self._expert_tokens += np.bincount(ids, minlength=len(self._expert_tokens))
-                self._tokens_sent += np.bincount(shard_of, minlength=len(self._tokens_sent))
+        """Folds the calls waiting to be counted into the totals (the caller holds the lock)."""
+        calls = []
+        while self._uncounted:
+            calls.append(self._uncounted.popleft())
+        if calls:
+            ids = np.concatenate([i.reshape(-1) for i, _ in calls])
+            shard_of = np.concatenate([s.reshape(-1) for _, s in calls])
+            self._expert_tokens += np.bincount(ids, minlength=len(self._expert_tokens))
+            self._tokens_sent += np.bincount(shard_of, minlength=len(self._tokens_sent))
 
     def set_placement(self, placement: Placement) -> None:
         """Takes effect from the next step; the step in flight keeps the table it latched.
@@ -184,11 +193,10 @@ class ShardClient:
         """(expert, shard, rows) parts for one layer call. Each expert's group is split evenly
         over the shards holding it (a replicated hot expert spreads its load at every step);
         the remainder rows, and single-holder groups, go to the least-loaded holders first.
-        Largest groups are placed first; ties go to the shard with the fewest tokens so far."""
+        Largest groups are placed first; ties go to the shard `assign` has given the fewest slots."""
         load = [0] * placement.n_shards
         parts = []
-        self._count()
-        sent = self._tokens_sent
+        sent = self._assigned
         for expert in sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e]):
             holders = sorted(placement.holders[expert], key=lambda s: (load[s], sent[s], s))
             base, extra = divmod(counts[expert], len(holders))
@@ -197,6 +205,8 @@ class ShardClient:
                 if rows:
                     parts.append((expert, shard, rows))
                     load[shard] += rows
+        for shard, rows in enumerate(load):
+            sent[shard] += rows
         return parts
 
     def route(self, placement: Placement, expert_ids: np.ndarray) -> np.ndarray:
@@ -214,7 +224,8 @@ class ShardClient:
             self._split_replicated(placement, expert_ids, shard_of, counts.tolist())
         self._uncounted.append((expert_ids, shard_of))
         if len(self._uncounted) > MAX_UNCOUNTED_CALLS:  # read too seldom: keep what waits bounded
-            self._count()
+            with self._count_lock:
+                self._count()
         return shard_of
 
     def _split_replicated(self, placement: Placement, expert_ids: np.ndarray, shard_of: np.ndarray, counts: list[int]) -> None:
@@ -293,29 +304,40 @@ class RemoteExperts(nn.Module):
         result = torch.zeros_like(x)  # [T, D], allocated before the wait rather than after it
 
         combine_s = 0.0
+        added: set[int] = set()
+        # Each token gets its (at most K) slots' weighted rows from one or more shards. With two
+        # slots a token, adding them to zero in either order gives the same sum, bit for bit, so
+        # each answer is added as it comes; with more, the sum could depend on which shard
+        # answers first, so they are added after the last, in a fixed order.
+        as_they_come = ids.shape[1] <= 2
 
         def add(shard: int, reply: ShardReply) -> None:
-            # One shard's answer, added to its tokens while the other shards may still compute.
             nonlocal combine_s
-            added = time.perf_counter()
-            part, into = parts[shard], requests[shard].reply_into
+            adding = time.perf_counter()
+            if shard not in requests or shard in added:  # never add rows twice, or rows nobody asked for
+                raise ShardUnavailableError(f"an unexpected answer from expert shard {shard}")
+            into = requests[shard].reply_into
             if reply.output.shape != into.shape:  # never add what was not answered
                 raise ShardUnavailableError(f"expert shard {shard} answered {list(reply.output.shape)} for {list(into.shape)}")
             if reply.output is not into:  # this transport could not read it in place
                 into.copy_(reply.output)
-            # Each token gets its (at most K) slots' weighted rows from one or more shards, in
-            # the order they answer: with two slots per token, adding them to zero in either
-            # order gives the same sum, bit for bit (with K > 2 the last bit could vary).
-            result.index_add_(0, token_index[part], into)
-            combine_s += time.perf_counter() - added
+            added.add(shard)
+            if as_they_come:
+                result.index_add_(0, token_index[parts[shard]], into)
+            combine_s += time.perf_counter() - adding
 
         def finish() -> torch.Tensor:
+            nonlocal combine_s
             waited = time.perf_counter()
             replies = transport.collect(pending, add)
-            done = time.perf_counter()
             for shard, request in requests.items():  # never return rows that were not answered
-                if shard not in replies:
+                if shard not in added:
                     raise ShardUnavailableError(f"expert shard {shard} answered nothing for {list(request.reply_into.shape)}")
+            if not as_they_come:
+                adding = time.perf_counter()
+                result.index_add_(0, token_index, replies_all)
+                combine_s += time.perf_counter() - adding
+            done = time.perf_counter()
             slowest = max((r.compute_s for r in replies.values()), default=0.0)
             stats.wait_s += done - waited - combine_s
             stats.combine_s += combine_s

@@ -46,7 +46,8 @@ def _replica_id() -> str:
 async def _report_load(router, client: ShardClient, replica: str) -> None:
     """Every second: a heartbeat (which keeps the shards up and tells the placement version),
     and the tokens this replica dispatched since the last report."""
-    sent_shards, sent_experts = [0] * len(client.tokens_sent), [0] * len(client.expert_tokens)
+    shards, experts = client.load_counts()
+    sent_shards, sent_experts = [0] * len(shards), [0] * len(experts)
     while True:
         await asyncio.sleep(REPORT_EVERY_S)
         try:
@@ -61,7 +62,7 @@ async def _report_load(router, client: ShardClient, replica: str) -> None:
                 client.set_placement(placement)  # read once per layer call: the swap is atomic
         except Exception:  # noqa: BLE001 - keep dispatching by the last known placement
             log.warning("could not refresh the expert placement", exc_info=True)
-        shards, experts = list(client.tokens_sent), list(client.expert_tokens)
+        shards, experts = client.load_counts()
         delta_s = [a - b for a, b in zip(shards, sent_shards)]
         delta_e = [a - b for a, b in zip(experts, sent_experts)]
         if any(delta_s):

@@ -310,22 +310,33 @@ def test_a_shard_that_dies_while_a_layer_waits_on_others_does_not_fail_that_laye
         listener.close()
 
 
+def shard_hangs_up_on(server: ShardServer, data: bytes, timeout_s: float = 5) -> bool:
+    """Sends data to the shard on a connection of its own: whether the shard then hangs up
+    (within timeout_s)."""
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as rogue:
+        rogue.sendall(data)
+        rogue.settimeout(timeout_s)
+        try:
+            return rogue.recv(16) == b""
+        except ConnectionResetError:  # closed with our bytes unread
+            return True
+
+
 def test_nonsense_on_one_connection_does_not_disturb_the_others(server):
     transport = TcpTransport({0: server.address})
-    host, port = server.address.rsplit(":", 1)
-    rogue = socket.create_connection((host, int(port)))
     try:
-        rogue.sendall(b"\xff\xff\xff\x7fGET / HTTP/1.1\r\n\r\n")
-        try:
-            hung_up = rogue.recv(16) == b""
-        except ConnectionResetError:  # closed with our bytes unread
-            hung_up = True
-        assert hung_up
+        assert shard_hangs_up_on(server, b"\xff\xff\xff\x7fGET / HTTP/1.1\r\n\r\n")
         req = request(3, seed=8)
         assert torch.equal(answer(transport, req, layer=1), scaled(1, req.x, req.expert_ids, req.weights))
     finally:
-        rogue.close()
         transport.close()
+
+
+def test_a_stranger_is_refused_at_its_first_byte_even_if_it_then_says_nothing(server):
+    # "G" is not how any mixserve message begins; then silence. 3 s: well inside the 10 s a
+    # message that has begun may take.
+    assert shard_hangs_up_on(server, b"G", timeout_s=3)
 
 
 def binary_header(kind=REQUEST, dtype_code=0, k=2, rows=1, dim=8, layer=0, magic=MAGIC) -> bytes:
@@ -345,18 +356,7 @@ def test_a_hostile_header_costs_only_its_own_connection(server, header):
     """Sizes no frame can back, a zero k, an unknown dtype, the wrong kind of message, another
     protocol: the shard hangs up on that peer at once, allocates nothing for it, and keeps
     serving everyone else."""
-    host, port = server.address.rsplit(":", 1)
-    rogue = socket.create_connection((host, int(port)))
-    try:
-        rogue.sendall(header)
-        rogue.settimeout(5)
-        try:
-            hung_up = rogue.recv(16) == b""
-        except ConnectionResetError:
-            hung_up = True
-        assert hung_up
-    finally:
-        rogue.close()
+    assert shard_hangs_up_on(server, header)
     assert server.serving
     transport = TcpTransport({0: server.address})
     try:
@@ -375,6 +375,7 @@ def test_a_request_that_arrives_in_pieces_is_read_whole(server):
     cuts = [2, 30, 60, 52 + 96, 52 + 96 + 5, 52 + 96 + 48, 52 + 96 + 48 + 7, len(message)]
     host, port = server.address.rsplit(":", 1)
     peer = socket.create_connection((host, int(port)))
+    peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each piece leaves on its own
     try:
         start = 0
         for cut in cuts:

@@ -139,18 +139,27 @@ def test_a_replicated_expert_is_split_over_its_holders_whatever_the_ids_layout()
         assert abs(int((zero_goes_to == 0).sum()) - int((zero_goes_to == 2).sum())) <= 1
 
 
-def test_the_load_counts_hold_every_slot_routed_even_read_while_routing():
+@pytest.mark.parametrize("placement", [
+    Placement.contiguous(8, 4, capacity=3),
+    Placement.contiguous(8, 4, capacity=3).with_replica(0, 2),
+], ids=["one-holder-each", "a-replicated-expert"])
+def test_the_load_counts_hold_every_slot_routed_even_read_while_routing(placement):
     # Counted when read, from what each call leaves behind: a reader on another thread (the load
     # reporter) loses nothing, and what waits uncounted stays bounded when nobody reads.
-    placement = Placement.contiguous(8, 4, capacity=3).with_replica(0, 2)
     client = ShardClient(placement, InProcessTransport([]))
     gen = torch.Generator().manual_seed(0)
     expected_shards, expected_experts = np.zeros(4, dtype=np.int64), np.zeros(8, dtype=np.int64)
-    stop = threading.Event()
+    stop, reads, errors = threading.Event(), [], []
 
     def read() -> None:
-        while not stop.wait(0.0002):
-            assert len(client.tokens_sent) == 4 and len(client.expert_tokens) == 8
+        try:
+            while not stop.wait(0.0002):
+                shards, experts = client.load_counts()
+                reads.append(sum(shards))
+                if sum(shards) != sum(experts):  # both over the same calls
+                    errors.append((shards, experts))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -164,14 +173,67 @@ def test_the_load_counts_hold_every_slot_routed_even_read_while_routing():
     finally:
         stop.set()
         reader.join()
+    assert not errors
+    assert len(set(reads)) > 10  # the reader really read while the calls went on
     assert client.tokens_sent == expected_shards.tolist()
     assert client.expert_tokens == expected_experts.tolist()
 
     unread = ShardClient(placement, InProcessTransport([]))
     for _ in range(1000):
         unread.route(placement, np.array([[1, 2], [3, 4]]))
-    assert len(unread._uncounted) <= MAX_UNCOUNTED_CALLS
+        assert len(unread._uncounted) <= MAX_UNCOUNTED_CALLS
     assert unread.expert_tokens == [0, 1000, 1000, 1000, 1000, 0, 0, 0]
+
+
+class ArrivingTwiceTransport(InProcessTransport):
+    """Hands every answer over twice, or one from a shard nobody asked."""
+
+    def __init__(self, shards, stranger: bool):
+        super().__init__(shards)
+        self.stranger = stranger
+
+    def collect(self, pending, arrived=None):
+        for shard, reply in pending.items():
+            arrived(shard, reply)
+            arrived(99 if self.stranger else shard, reply)
+        return pending
+
+
+@pytest.mark.parametrize("stranger", [False, True], ids=["twice", "a-shard-not-asked"])
+def test_an_answer_handed_over_twice_or_from_a_stranger_is_never_added(mixtral_dir, stranger):
+    placement = Placement.contiguous(8, 2, capacity=4)
+    shards = [ExpertShard(s, mixtral_dir, placement.experts_of(s)) for s in range(2)]
+    remote = RemoteExperts(0, 8, ShardClient(placement, ArrivingTwiceTransport(shards, stranger)))
+    ids = torch.tensor([[0, 5], [1, 6]])
+    with pytest.raises(ShardUnavailableError, match="unexpected answer"):
+        remote(torch.randn(2, 64), ids, torch.rand(2, 2))
+
+
+class OrderedAnswersTransport:
+    """Answers each shard's rows with one value per shard, handed over in a chosen order."""
+
+    def __init__(self, values: dict[int, float], order: list[int]):
+        self.values, self.order = values, order
+
+    def submit(self, layer, requests):
+        return {shard: ShardReply(torch.full_like(r.x, self.values[shard]), 0.0) for shard, r in requests.items()}
+
+    def collect(self, pending, arrived=None):
+        for shard in self.order:
+            arrived(shard, pending[shard])
+        return pending
+
+
+def test_with_more_than_two_slots_a_token_the_sum_does_not_depend_on_which_shard_answers_first():
+    # float32: (1e8 + 1) - 1e8 == 0 but (1e8 - 1e8) + 1 == 1, so an arrival-order sum would differ.
+    placement = Placement.contiguous(6, 3)  # shard s holds experts 2s and 2s + 1
+    values = {0: 1e8, 1: 1.0, 2: -1e8}
+    ids, weights = torch.tensor([[0, 2, 4]]), torch.full((1, 3), 1 / 3)
+    results = []
+    for order in ([0, 1, 2], [0, 2, 1], [2, 1, 0]):
+        remote = RemoteExperts(0, 6, ShardClient(placement, OrderedAnswersTransport(values, order)))
+        results.append(remote(torch.zeros(1, 4), ids, weights))
+    assert all(torch.equal(r, results[0]) for r in results)
 
 
 class DamagingTransport(InProcessTransport):
