@@ -148,8 +148,10 @@ class ShardClient:
         # Slots `assign` has given each shard so far: its tie-break, kept apart from the counts
         # above so that splitting a replicated expert never waits for a fold.
         self._assigned = [0] * placement.n_shards
-        # Per placement: each expert's first holder, and whether any expert has copies.
-        self._table: tuple[Placement | None, np.ndarray, bool] = (None, np.empty(0, dtype=np.int64), False)
+        # Per placement: each expert's first holder, whether any expert has copies, and the shard
+        # ids as an [S, 1, 1] column (held = shard_of == column broadcasts to [S, T, K]).
+        self._table: tuple[Placement | None, np.ndarray, bool, np.ndarray] = (
+            None, np.empty(0, dtype=np.int64), False, np.empty((0, 1, 1), dtype=np.int64))
         self.stats = DispatchStats()
 
     @property
@@ -214,12 +216,14 @@ class ShardClient:
         caller leaves unchanged): an int64 [T, K] array. Counts the load as it goes."""
         if self._table[0] is not placement:
             first = np.array([h[0] for h in placement.holders], dtype=np.int64)
-            self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
-        _, first_holder, has_copies = self._table
-        # [T, K], right for every expert with a single holder; C order, so that the flat view
-        # _split_replicated writes through is a view and not a copy (ids may come transposed).
-        shard_of = np.ascontiguousarray(first_holder[expert_ids])
+            column = np.arange(placement.n_shards, dtype=np.int64)[:, None, None]
+            self._table = (placement, first, any(len(h) > 1 for h in placement.holders), column)
+        _, first_holder, has_copies, _ = self._table
+        shard_of = first_holder[expert_ids]  # [T, K], right for every expert with a single holder
         if has_copies:
+            # C order, so that the flat view _split_replicated writes through is a view and not a
+            # copy (ids may come transposed).
+            shard_of = np.ascontiguousarray(shard_of)
             counts = np.bincount(expert_ids.reshape(-1), minlength=placement.num_experts)  # [E]
             self._split_replicated(placement, expert_ids, shard_of, counts.tolist())
         self._uncounted.append((expert_ids, shard_of))
@@ -227,6 +231,10 @@ class ShardClient:
             with self._count_lock:
                 self._count()
         return shard_of
+
+    def shard_column(self) -> np.ndarray:
+        """[S, 1, 1]: the shard ids of the placement `route` last used, to compare shard_of with."""
+        return self._table[3]
 
     def _split_replicated(self, placement: Placement, expert_ids: np.ndarray, shard_of: np.ndarray, counts: list[int]) -> None:
         """Rewrites shard_of [T, K] in place for the experts with copies: their slots, in token
@@ -271,17 +279,20 @@ class RemoteExperts(nn.Module):
         # with a dozen calls per shard, combine 0.08 against 0.12; at 2 shards ~0.3 ms both). The
         # small [T, K] tensors go through numpy views, x through torch (it stays on its device);
         # the gate weights as same-width integers (numpy has no bfloat16; all-zero bits are +0.0).
-        ids = expert_ids.cpu().numpy()  # [T, K] int64
-        weight_bits = weights.cpu().view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
+        # (`is_cpu` rather than .cpu(): a property costs less than a call, cold.)
+        ids = (expert_ids if expert_ids.is_cpu else expert_ids.cpu()).numpy()  # [T, K] int64
+        weight_bits = (weights if weights.is_cpu else weights.cpu()).view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
         placement = client.step_placement
         shard_of = client.route(placement, ids)  # [T, K]
-        held = shard_of[None] == np.arange(placement.n_shards)[:, None, None]  # [S, T, K]
+        held = shard_of == client.shard_column()  # [S, T, K]
         # Rows of every shard's request, one after another in shard order (N = sum of T_s).
         shard_pos, token = np.nonzero(held.any(axis=2))  # [N], [N]
         held_slots = held[shard_pos, token]  # [N, K]
         ids_all = torch.from_numpy(np.where(held_slots, ids[token], -1))  # [N, K]
         weights_all = torch.from_numpy(np.where(held_slots, weight_bits[token], 0)).view(weights.dtype)  # [N, K]
-        token_index = torch.from_numpy(token).to(x.device)
+        token_index = torch.from_numpy(token)
+        if not x.is_cpu:
+            token_index = token_index.to(x.device)
         x_all = x.index_select(0, token_index)  # [N, D]
         replies_all = torch.empty_like(x_all)  # [N, D]: each shard's answer lands in its rows
         rows = np.bincount(shard_pos, minlength=placement.n_shards).tolist()  # [S] (a few items: Python from here)
