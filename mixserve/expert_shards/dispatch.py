@@ -273,15 +273,16 @@ class RemoteExperts(nn.Module):
         began = time.perf_counter()
         client = self.client
         # Every shard's request in one pass, a fixed number of calls whatever the number of shards
-        # (and a scatter-add per answer as it comes): the attention side runs this between big matmuls with
-        # its caches cold, where each torch or numpy call costs ~5-20 us instead of 1-5 (32
-        # tokens after a 16 MB matmul, 8 shards: route and pack 0.35-0.37 ms against 0.44-0.47
-        # with a dozen calls per shard, combine 0.08 against 0.12; at 2 shards ~0.3 ms both). The
-        # small [T, K] tensors go through numpy views, x through torch (it stays on its device);
-        # the gate weights as same-width integers (numpy has no bfloat16; all-zero bits are +0.0).
-        # (`is_cpu` rather than .cpu(): a property costs less than a call, cold.)
+        # (and a scatter-add per answer as it comes): the attention side runs this between big
+        # matmuls with its caches cold, where each torch or numpy call costs ~5-20 us instead of
+        # 1-5 (32 tokens after a 16 MB matmul, 8 shards: route and pack 0.35-0.37 ms against
+        # 0.44-0.47 with a dozen calls per shard). The small [T, K] tensors go through numpy
+        # views, x through torch (it stays on its device); the gate weights as same-width
+        # integers (numpy has no bfloat16; all-zero bits are +0.0). (`is_cpu` rather than .cpu():
+        # a property costs less than a call, cold.)
         ids = (expert_ids if expert_ids.is_cpu else expert_ids.cpu()).numpy()  # [T, K] int64
-        weight_bits = (weights if weights.is_cpu else weights.cpu()).view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
+        weights_cpu = weights if weights.is_cpu else weights.cpu()
+        weight_bits = weights_cpu.view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
         placement = client.step_placement
         shard_of = client.route(placement, ids)  # [T, K]
         held = shard_of == client.shard_column()  # [S, T, K]
