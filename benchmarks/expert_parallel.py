@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import ROOT, format_table, median_time, write_results  # noqa: E402
 from benchmarks.engine import ensure_checkpoint, prompts  # noqa: E402
-from benchmarks.transport import summarize  # noqa: E402
+from benchmarks.transport import summarize, time_round_trips  # noqa: E402
 from mixserve import SamplingParams  # noqa: E402
 from mixserve.expert_shards.actors import ShardGroup, start_shard_group  # noqa: E402
 from mixserve.expert_shards.channel import TcpTransport  # noqa: E402
@@ -128,18 +128,7 @@ def measure_shard_round_trip(topo: Topology, rows: int, dim: int, k: int, iters:
     requests = {shard: ShardRequest(torch.randn(rows, dim), torch.full((rows, k), -1), torch.zeros(rows, k),
                                     reply_into=torch.empty(rows, dim))
                 for shard in range(topo.client.placement.n_shards)}
-    samples = []
-    for i in range(iters + 20):
-        if gap_s:
-            time.sleep(gap_s)
-        if between is not None:
-            between()
-        start = time.perf_counter()
-        replies = transport.collect(transport.submit(0, requests))
-        wall = time.perf_counter() - start
-        if i >= 20:  # after a warm-up
-            samples.append(wall - max(reply.compute_s for reply in replies.values()))
-    return summarize(samples)
+    return summarize(time_round_trips(transport, requests, iters, gap_s, between, less_compute=True))
 
 
 def gate_ms(folder: Path, engine: LLMEngine, n_tokens: int) -> float:

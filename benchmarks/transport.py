@@ -96,6 +96,25 @@ class TcpEcho:
         return self.server.address
 
 
+def time_round_trips(transport, requests: dict, iters: int, gap_s: float = 0.0, between: Callable[[], object] | None = None,
+                     less_compute: bool = False) -> list[float]:
+    """Seconds per round trip of `requests` (one layer's) through `transport`, after 20 for
+    warm-up; less the slowest shard's reported compute with less_compute. gap_s and `between`
+    as in measure_tcp."""
+    samples = []
+    for i in range(iters + 20):
+        if gap_s:
+            time.sleep(gap_s)
+        if between is not None:
+            between()
+        start = time.perf_counter()
+        replies = transport.collect(transport.submit(0, requests))
+        wall = time.perf_counter() - start
+        if i >= 20:
+            samples.append(wall - (max(r.compute_s for r in replies.values()) if less_compute else 0.0))
+    return samples
+
+
 def measure_tcp(rows: int, dim: int, iters: int, gap_s: float = 0.0, between: Callable[[], object] | None = None) -> dict[str, float]:
     """mixserve's channel: the request carries x, expert ids and weights; the reply x. With
     gap_s, the sender idles that long before each round trip, as a replica does between layers
@@ -112,16 +131,7 @@ def measure_tcp(rows: int, dim: int, iters: int, gap_s: float = 0.0, between: Ca
     transport = TcpTransport(dict(enumerate(ray.get([a.address.remote() for a in actors]))))
     requests = {i: ShardRequest(torch.randn(rows, dim), torch.zeros(rows, 2, dtype=torch.long), torch.ones(rows, 2))
                 for i in range(N_SHARDS)}
-    samples = []
-    for i in range(iters + 20):
-        if gap_s:
-            time.sleep(gap_s)
-        if between is not None:
-            between()
-        start = time.perf_counter()
-        transport.collect(transport.submit(0, requests))
-        if i >= 20:
-            samples.append(time.perf_counter() - start)
+    samples = time_round_trips(transport, requests, iters, gap_s, between)
     transport.close()
     for a in actors:
         ray.kill(a)

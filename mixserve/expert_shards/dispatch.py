@@ -50,7 +50,7 @@ class ShardRequest:
     expert_ids: torch.Tensor  # [T_s, K] long (CPU): global expert ids, -1 where another shard computes the slot
     weights: torch.Tensor  # [T_s, K] gate weights in x's dtype (CPU), 0 where expert_ids is -1
     # [T_s, D] where the answer should land, if the transport can read it straight in (the
-    # replica then adds every shard's answer back with one scatter); a reply elsewhere is copied.
+    # replica then adds it back to its tokens from there); a reply elsewhere is copied in.
     reply_into: torch.Tensor | None = None
 
 
@@ -148,10 +148,11 @@ class ShardClient:
         # Slots `assign` has given each shard so far: its tie-break, kept apart from the counts
         # above so that splitting a replicated expert never waits for a fold.
         self._assigned = [0] * placement.n_shards
-        # Per placement: each expert's first holder, whether any expert has copies, and the shard
-        # ids as an [S, 1, 1] column (held = shard_of == column broadcasts to [S, T, K]).
-        self._table: tuple[Placement | None, np.ndarray, bool, np.ndarray] = (
-            None, np.empty(0, dtype=np.int64), False, np.empty((0, 1, 1), dtype=np.int64))
+        # Per placement: each expert's first holder, and whether any expert has copies.
+        self._table: tuple[Placement | None, np.ndarray, bool] = (None, np.empty(0, dtype=np.int64), False)
+        # [S, 1, 1]: the shard ids as a column (shard_of == shard_column broadcasts to [S, T, K]).
+        # Placements only add copies of experts, so the shards are the same for the client's life.
+        self.shard_column = np.arange(placement.n_shards, dtype=np.int64)[:, None, None]
         self.stats = DispatchStats()
 
     @property
@@ -216,9 +217,8 @@ class ShardClient:
         caller leaves unchanged): an int64 [T, K] array. Counts the load as it goes."""
         if self._table[0] is not placement:
             first = np.array([h[0] for h in placement.holders], dtype=np.int64)
-            column = np.arange(placement.n_shards, dtype=np.int64)[:, None, None]
-            self._table = (placement, first, any(len(h) > 1 for h in placement.holders), column)
-        _, first_holder, has_copies, _ = self._table
+            self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
+        _, first_holder, has_copies = self._table
         shard_of = first_holder[expert_ids]  # [T, K], right for every expert with a single holder
         if has_copies:
             # C order, so that the flat view _split_replicated writes through is a view and not a
@@ -231,10 +231,6 @@ class ShardClient:
             with self._count_lock:
                 self._count()
         return shard_of
-
-    def shard_column(self) -> np.ndarray:
-        """[S, 1, 1]: the shard ids of the placement `route` last used, to compare shard_of with."""
-        return self._table[3]
 
     def _split_replicated(self, placement: Placement, expert_ids: np.ndarray, shard_of: np.ndarray, counts: list[int]) -> None:
         """Rewrites shard_of [T, K] in place for the experts with copies: their slots, in token
@@ -285,7 +281,7 @@ class RemoteExperts(nn.Module):
         weight_bits = weights_cpu.view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
         placement = client.step_placement
         shard_of = client.route(placement, ids)  # [T, K]
-        held = shard_of == client.shard_column()  # [S, T, K]
+        held = shard_of == client.shard_column  # [S, T, K]
         # Rows of every shard's request, one after another in shard order (N = sum of T_s).
         shard_pos, token = np.nonzero(held.any(axis=2))  # [N], [N]
         held_slots = held[shard_pos, token]  # [N, K]
