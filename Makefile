@@ -13,6 +13,8 @@ $(BIN)/mixserve: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# the compiled dispatch kernel, built once here rather than at the first replica's start (~25 s)
+	$(BIN)/python -m mixserve.expert_shards.dispatch_kernel || echo "continuing without the compiled dispatch kernel"
 	touch $@
 
 .PHONY: install serve test demo-checkpoint protos

@@ -7,9 +7,11 @@ shard holding that expert (a replicated expert's tokens are split over its holde
 loaded first, under the step's placement). Each shard gets, in one message, the rows of the
 tokens it has a slot for, their expert ids (-1 for a slot computed elsewhere) and gate weights;
 it runs the engine's own MoE kernel on them and sends back one gate-weighted row per token.
-The replica adds the shards' rows. The router only publishes placements: data never goes
-through it. A placement swap is atomic per step: the model latches the client's placement at the
-start of each step (`begin_step`), so a step in flight finishes on the table it began with.
+The replica adds the shards' rows. On the CPU the pack and each add are one compiled call
+(dispatch_kernel.py), elsewhere numpy and torch calls. The router only publishes placements:
+data never goes through it. A placement swap is atomic per step: the model latches the client's
+placement at the start of each step (`begin_step`), so a step in flight finishes on the table
+it began with.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from mixserve.errors import MixserveError
+from mixserve.expert_shards.dispatch_kernel import dispatch_kernel
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard
 from mixserve.model.moe import MoeLayer
@@ -133,7 +136,7 @@ class ShardClient:
     """What an attention replica knows of the expert side: the placement it dispatches by,
     the transport, and per-shard token counts (its share of the load picture)."""
 
-    def __init__(self, placement: Placement, transport: Transport):
+    def __init__(self, placement: Placement, transport: Transport, compiled: bool = True):
         self.placement = placement  # the latest published
         self.step_placement = placement  # the one the current step dispatches by
         self.transport = transport
@@ -149,10 +152,13 @@ class ShardClient:
         # above so that splitting a replicated expert never waits for a fold.
         self._assigned = [0] * placement.n_shards
         # Per placement: each expert's first holder, and whether any expert has copies.
-        self._table: tuple[Placement | None, np.ndarray, bool] = (None, np.empty(0, dtype=np.int64), False)
+        self._table: tuple[Placement | None, np.ndarray, torch.Tensor, bool] = (None, np.empty(0, dtype=np.int64), torch.empty(0), False)
         # [S, 1, 1]: the shard ids as a column (shard_of == shard_column broadcasts to [S, T, K]).
         # Placements only add copies of experts, so the shards are the same for the client's life.
         self.shard_column = np.arange(placement.n_shards, dtype=np.int64)[:, None, None]
+        # The compiled pack and add (dispatch_kernel.py), or None for the numpy and torch path
+        # (without a compiler here, or when the caller asks for it: tests and A/B runs).
+        self.kernel = dispatch_kernel() if compiled else None
         self.stats = DispatchStats()
 
     @property
@@ -178,8 +184,9 @@ class ShardClient:
         while self._uncounted:
             calls.append(self._uncounted.popleft())
         if calls:
-            ids = np.concatenate([i.reshape(-1) for i, _ in calls])
-            shard_of = np.concatenate([s.reshape(-1) for _, s in calls])
+            # (numpy arrays, or CPU tensors from the compiled pack: np.asarray views either)
+            ids = np.concatenate([np.asarray(i).reshape(-1) for i, _ in calls])
+            shard_of = np.concatenate([np.asarray(s).reshape(-1) for _, s in calls])
             self._expert_tokens += np.bincount(ids, minlength=len(self._expert_tokens))
             self._tokens_sent += np.bincount(shard_of, minlength=len(self._tokens_sent))
 
@@ -215,10 +222,7 @@ class ShardClient:
     def route(self, placement: Placement, expert_ids: np.ndarray) -> np.ndarray:
         """The shard that computes each slot of expert_ids [T, K] (an int64 [T, K] array that the
         caller leaves unchanged): an int64 [T, K] array. Counts the load as it goes."""
-        if self._table[0] is not placement:
-            first = np.array([h[0] for h in placement.holders], dtype=np.int64)
-            self._table = (placement, first, any(len(h) > 1 for h in placement.holders))
-        _, first_holder, has_copies = self._table
+        first_holder, _, has_copies = self._holders(placement)
         shard_of = first_holder[expert_ids]  # [T, K], right for every expert with a single holder
         if has_copies:
             # C order, so that the flat view _split_replicated writes through is a view and not a
@@ -226,11 +230,23 @@ class ShardClient:
             shard_of = np.ascontiguousarray(shard_of)
             counts = np.bincount(expert_ids.reshape(-1), minlength=placement.num_experts)  # [E]
             self._split_replicated(placement, expert_ids, shard_of, counts.tolist())
+        self._count_later(expert_ids, shard_of)
+        return shard_of
+
+    def _holders(self, placement: Placement) -> tuple[np.ndarray, torch.Tensor, bool]:
+        """Each expert's first holder [E] (as numpy and as a tensor over the same memory), and
+        whether any expert has copies; cached per placement."""
+        if self._table[0] is not placement:
+            first = np.array([h[0] for h in placement.holders], dtype=np.int64)
+            self._table = (placement, first, torch.from_numpy(first), any(len(h) > 1 for h in placement.holders))
+        return self._table[1:]
+
+    def _count_later(self, expert_ids: np.ndarray | torch.Tensor, shard_of: np.ndarray | torch.Tensor) -> None:
+        """Leaves one call's slots to be counted when the counts are read."""
         self._uncounted.append((expert_ids, shard_of))
         if len(self._uncounted) > MAX_UNCOUNTED_CALLS:  # read too seldom: keep what waits bounded
             with self._count_lock:
                 self._count()
-        return shard_of
 
     def _split_replicated(self, placement: Placement, expert_ids: np.ndarray, shard_of: np.ndarray, counts: list[int]) -> None:
         """Rewrites shard_of [T, K] in place for the experts with copies: their slots, in token
@@ -246,6 +262,69 @@ class ShardClient:
                 for shard, rows in shares:
                     flat_shard[slots[start:start + rows]] = shard
                     start += rows
+
+    def pack(self, placement: Placement, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
+        """Every shard's request for one layer call, routed by `placement`. x [T, D], expert_ids
+        [T, K], weights [T, K] in x's dtype. Returns (requests, token_of, result): each shard's
+        ShardRequest, the one with the most tokens first (it likely finishes last, so it should
+        start first; its reply_into is fresh); each shard's [T_s] token index, in order; and the
+        [T, D] zeros the answers are added to."""
+        kernel = self.kernel
+        if kernel is None or not (x.is_cpu and expert_ids.is_cpu and weights.is_cpu):
+            return self._pack_with_library_calls(placement, x, expert_ids, weights)
+        _, first_holder, has_copies = self._holders(placement)
+        # A replicated expert's split is rare and Python's (see assign); every other slot goes to
+        # its expert's first holder, which the kernel looks up itself.
+        shard_of = torch.from_numpy(self.route(placement, expert_ids.numpy())) if has_copies else None
+        shard_of_all, result, _, _, parts = kernel.pack(x, expert_ids, weights, first_holder, shard_of, placement.n_shards)
+        if shard_of is None:
+            self._count_later(expert_ids, shard_of_all)
+        requests: dict[int, ShardRequest] = {}
+        token_of: dict[int, torch.Tensor] = {}
+        for shard, _, x_s, ids_s, weights_s, replies_s, token_s in sorted(parts, key=lambda part: -part[1]):
+            requests[shard] = ShardRequest(x_s, ids_s, weights_s, reply_into=replies_s)
+            token_of[shard] = token_s
+        return requests, token_of, result
+
+    def _pack_with_library_calls(self, placement: Placement, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
+        """`pack` through numpy and torch: x may live on an accelerator, and this path needs no
+        compiler. Every shard's request in one pass, a fixed number of calls whatever the number
+        of shards (8 shards, cold: 0.35-0.37 ms against 0.44-0.47 with a dozen calls per shard).
+        The small [T, K] arrays go through numpy views, x through torch (it stays on its device);
+        the gate weights as same-width integers (numpy has no bfloat16; all-zero bits are +0.0).
+        (`is_cpu` rather than .cpu(): a property costs less than a call, cold.)"""
+        ids = (expert_ids if expert_ids.is_cpu else expert_ids.cpu()).numpy()  # [T, K] int64
+        weights_cpu = weights if weights.is_cpu else weights.cpu()
+        weight_bits = weights_cpu.view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
+        shard_of = self.route(placement, ids)  # [T, K]
+        held = shard_of == self.shard_column  # [S, T, K]
+        shard_pos, token = np.nonzero(held.any(axis=2))  # [N], [N]: shard-major, tokens in order
+        held_slots = held[shard_pos, token]  # [N, K]
+        ids_all = torch.from_numpy(np.where(held_slots, ids[token], -1))  # [N, K]
+        weights_all = torch.from_numpy(np.where(held_slots, weight_bits[token], 0)).view(weights.dtype)  # [N, K]
+        token_index = torch.from_numpy(token)
+        if not x.is_cpu:
+            token_index = token_index.to(x.device)
+        x_all = x.index_select(0, token_index)  # [N, D]
+        replies_all = torch.empty_like(x_all)  # [N, D]
+        result = torch.zeros_like(x)  # [T, D]
+        rows = np.bincount(shard_pos, minlength=placement.n_shards).tolist()  # [S] (a few items: Python from here)
+        starts = list(itertools.accumulate(rows, initial=0))
+        requests: dict[int, ShardRequest] = {}
+        token_of: dict[int, torch.Tensor] = {}
+        for shard in sorted((s for s in range(placement.n_shards) if rows[s]), key=lambda s: -rows[s]):
+            part = slice(starts[shard], starts[shard + 1])
+            requests[shard] = ShardRequest(x_all[part], ids_all[part], weights_all[part], reply_into=replies_all[part])
+            token_of[shard] = token_index[part]
+        return requests, token_of, result
+
+    def add_rows(self, result: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> None:
+        """result [T, D] += rows [n, D] at token [n] (distinct tokens: index_add_ would sum a
+        repeated one in float before rounding, the kernel in order), each add rounded to the dtype."""
+        if self.kernel is not None and result.is_cpu:
+            self.kernel.add_rows(result, token, rows)
+        else:
+            result.index_add_(0, token, rows)
 
 
 class RemoteExperts(nn.Module):
@@ -268,38 +347,9 @@ class RemoteExperts(nn.Module):
         x [T, D], expert_ids [T, K], weights [T, K] (x's dtype)."""
         began = time.perf_counter()
         client = self.client
-        # Every shard's request in one pass, a fixed number of calls whatever the number of shards
-        # (and a scatter-add per answer as it comes): the attention side runs this between big
-        # matmuls with its caches cold, where each torch or numpy call costs ~5-20 us instead of
-        # 1-5 (32 tokens after a 16 MB matmul, 8 shards: route and pack 0.35-0.37 ms against
-        # 0.44-0.47 with a dozen calls per shard). The small [T, K] tensors go through numpy
-        # views, x through torch (it stays on its device); the gate weights as same-width
-        # integers (numpy has no bfloat16; all-zero bits are +0.0). (`is_cpu` rather than .cpu():
-        # a property costs less than a call, cold.)
-        ids = (expert_ids if expert_ids.is_cpu else expert_ids.cpu()).numpy()  # [T, K] int64
-        weights_cpu = weights if weights.is_cpu else weights.cpu()
-        weight_bits = weights_cpu.view(_SAME_WIDTH_INT[weights.dtype.itemsize]).numpy()  # [T, K]
         placement = client.step_placement
-        shard_of = client.route(placement, ids)  # [T, K]
-        held = shard_of == client.shard_column  # [S, T, K]
-        # Rows of every shard's request, one after another in shard order (N = sum of T_s).
-        shard_pos, token = np.nonzero(held.any(axis=2))  # [N], [N]
-        held_slots = held[shard_pos, token]  # [N, K]
-        ids_all = torch.from_numpy(np.where(held_slots, ids[token], -1))  # [N, K]
-        weights_all = torch.from_numpy(np.where(held_slots, weight_bits[token], 0)).view(weights.dtype)  # [N, K]
-        token_index = torch.from_numpy(token)
-        if not x.is_cpu:
-            token_index = token_index.to(x.device)
-        x_all = x.index_select(0, token_index)  # [N, D]
-        replies_all = torch.empty_like(x_all)  # [N, D]: each shard's answer lands in its rows
-        rows = np.bincount(shard_pos, minlength=placement.n_shards).tolist()  # [S] (a few items: Python from here)
-        starts = list(itertools.accumulate(rows, initial=0))
-        requests: dict[int, ShardRequest] = {}
-        parts: dict[int, slice] = {}  # each shard's rows of the [N] arrays
-        # The shard with the most tokens first: it likely finishes last, so it should start first.
-        for shard in sorted((s for s in range(placement.n_shards) if rows[s]), key=rows.__getitem__, reverse=True):
-            parts[shard] = part = slice(starts[shard], starts[shard + 1])
-            requests[shard] = ShardRequest(x_all[part], ids_all[part], weights_all[part], reply_into=replies_all[part])
+        requests, token_of, result = client.pack(placement, x, expert_ids, weights)
+        add_rows = client.add_rows
 
         transport, stats = client.transport, client.stats
         routed = time.perf_counter()
@@ -309,15 +359,13 @@ class RemoteExperts(nn.Module):
         stats.route_s += routed - began
         stats.send_s += sent - routed
 
-        result = torch.zeros_like(x)  # [T, D], allocated before the wait rather than after it
-
         combine_s = 0.0
         added: set[int] = set()
         # Each token gets its (at most K) slots' weighted rows from one or more shards. With two
         # slots a token, adding them to zero in either order gives the same sum, bit for bit, so
         # each answer is added as it comes; with more, the sum could depend on which shard
         # answers first, so they are added after the last, in a fixed order.
-        as_they_come = ids.shape[1] <= 2
+        as_they_come = expert_ids.shape[1] <= 2
 
         def add(shard: int, reply: ShardReply) -> None:
             nonlocal combine_s
@@ -331,7 +379,7 @@ class RemoteExperts(nn.Module):
                 into.copy_(reply.output)
             added.add(shard)
             if as_they_come:
-                result.index_add_(0, token_index[parts[shard]], into)
+                add_rows(result, token_of[shard], into)
             combine_s += time.perf_counter() - adding
 
         def finish() -> torch.Tensor:
@@ -343,7 +391,8 @@ class RemoteExperts(nn.Module):
                     raise ShardUnavailableError(f"expert shard {shard} answered nothing for {list(request.reply_into.shape)}")
             if not as_they_come:
                 adding = time.perf_counter()
-                result.index_add_(0, token_index, replies_all)
+                for shard in sorted(requests):
+                    add_rows(result, token_of[shard], requests[shard].reply_into)
                 combine_s += time.perf_counter() - adding
             done = time.perf_counter()
             slowest = max((r.compute_s for r in replies.values()), default=0.0)

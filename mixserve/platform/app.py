@@ -50,7 +50,9 @@ def build_app(config: DeploymentConfig) -> Application:
             config.experts.pin_cpus,
         )
         connector = functools.partial(
-            connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport
+            connect_remote_experts, timeout_s=config.experts.dispatch_timeout_s, transport=config.experts.transport,
+            # (the compiled pack serves tokens on the CPU; an accelerator's take the torch path)
+            compiled_dispatch=engine.device == "cpu",
         )
     tenants = [t.model_dump() for t in config.all_tenants()]
     # One ledger for the cluster: every admission and settlement of every ingress goes through it.

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
 
 
-async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str = "tcp"):
+async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str = "tcp", compiled_dispatch: bool = True):
+    """compiled_dispatch: pack and combine through the compiled CPU kernel (dispatch_kernel.py),
+    for replicas that compute on the CPU; its first build on a node takes ~25 s, off the event loop."""
     # Attaching starts the shards if the group was scaled to zero; heartbeats keep them up.
     replica = _replica_id()
     placement = await router.attach.remote(replica)
@@ -29,7 +31,7 @@ async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str
         channel = await asyncio.to_thread(TcpTransport, addresses, timeout_s=timeout_s)
     else:
         channel = RayActorTransport(await router.shard_handles.remote(), timeout_s=timeout_s)
-    client = ShardClient(placement, channel)
+    client = await asyncio.to_thread(ShardClient, placement, channel, compiled_dispatch)
     asyncio.get_running_loop().create_task(_report_load(router, client, replica))
     return remote_feed_forward(client)
 

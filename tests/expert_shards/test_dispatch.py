@@ -104,10 +104,11 @@ def test_two_shards_partial_sums_add_up_to_the_whole_layer(mixtral_dir, moe_kern
     Placement.contiguous(8, 8, capacity=1),
     Placement.contiguous(8, 4, capacity=3).with_replica(0, 2),  # a hot expert's tokens split over 2 shards
 ], ids=["2-shards", "8-shards", "4-shards-replicated"])
-def test_remote_experts_give_the_whole_layer_and_each_shard_only_its_tokens(mixtral_dir, placement):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-pack", "library-pack"])
+def test_remote_experts_give_the_whole_layer_and_each_shard_only_its_tokens(mixtral_dir, placement, compiled):
     shards = [ExpertShard(s, mixtral_dir, placement.experts_of(s)) for s in range(placement.n_shards)]
     transport = RecordingTransport(shards)
-    remote = RemoteExperts(1, 8, ShardClient(placement, transport))
+    remote = RemoteExperts(1, 8, ShardClient(placement, transport, compiled=compiled))
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(24, 64, generator=gen)
     ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(24)])
@@ -224,16 +225,20 @@ class OrderedAnswersTransport:
         return pending
 
 
-def test_with_more_than_two_slots_a_token_the_sum_does_not_depend_on_which_shard_answers_first():
-    # float32: (1e8 + 1) - 1e8 == 0 but (1e8 - 1e8) + 1 == 1, so an arrival-order sum would differ.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_more_than_two_slots_a_token_the_sum_does_not_depend_on_which_shard_answers_first(dtype):
+    # (1e8 + 1) - 1e8 == 0 but (1e8 - 1e8) + 1 == 1, so an arrival-order sum would differ; and the
+    # compiled add and the torch one sum in the same order.
     placement = Placement.contiguous(6, 3)  # shard s holds experts 2s and 2s + 1
     values = {0: 1e8, 1: 1.0, 2: -1e8}
-    ids, weights = torch.tensor([[0, 2, 4]]), torch.full((1, 3), 1 / 3)
+    ids, weights = torch.tensor([[0, 2, 4]]), torch.full((1, 3), 1 / 3, dtype=dtype)
     results = []
-    for order in ([0, 1, 2], [0, 2, 1], [2, 1, 0]):
-        remote = RemoteExperts(0, 6, ShardClient(placement, OrderedAnswersTransport(values, order)))
-        results.append(remote(torch.zeros(1, 4), ids, weights))
+    for compiled in (True, False):
+        for order in ([0, 1, 2], [0, 2, 1], [2, 1, 0]):
+            remote = RemoteExperts(0, 6, ShardClient(placement, OrderedAnswersTransport(values, order), compiled=compiled))
+            results.append(remote(torch.zeros(1, 4, dtype=dtype), ids, weights))
     assert all(torch.equal(r, results[0]) for r in results)
+    assert results[0].tolist() == [[0.0] * 4]  # in shard order: (1e8 + 1) - 1e8
 
 
 class DamagingTransport(InProcessTransport):

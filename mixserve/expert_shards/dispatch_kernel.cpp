@@ -1,0 +1,161 @@
+// The CPU side of one MoE layer's dispatch in single calls: pack every shard's request, and add
+// an answer's rows back to their tokens. Built at run time by dispatch_kernel.py (why it is
+// hand-written, and what it saves, is written there).
+//
+// Shape legend: T = tokens, K = slots (experts) per token, D = model dim, E = experts,
+// S = shards, T_s = tokens with at least one slot on shard s, N = sum over s of T_s.
+
+#include <torch/extension.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+void check_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// True if slot k of a token is the first of its slots that goes to its shard: a token is sent
+// to a shard once, however many of its slots the shard computes.
+inline bool first_slot_on_its_shard(const int64_t* token_shards, int64_t k) {
+  for (int64_t j = 0; j < k; ++j) {
+    if (token_shards[j] == token_shards[k]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+// x [T, D], expert_ids [T, K] int64, weights [T, K] in x's dtype, first_holder [E] int64 (the
+// shard of each expert's first holder), shard_of [T, K] int64 or None (the shard of every slot,
+// when some expert has copies; else every slot goes to its expert's first holder).
+// Returns (shard_of [T, K], result [T, D] zeros, token [N], replies [N, D] uninitialised, parts):
+// the rows of the [N] arrays are grouped by shard in shard order, tokens in order within each,
+// and parts holds, for each shard with rows and in shard order,
+// (shard, T_s, x [T_s, D], expert_ids [T_s, K] with -1 where another shard computes the slot,
+// weights [T_s, K] with 0 there, replies [T_s, D], token [T_s]), the last three views of the
+// [N] arrays.
+py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
+               const at::Tensor& first_holder, const c10::optional<at::Tensor>& shard_of_in, int64_t n_shards) {
+  TORCH_CHECK(x_in.device().is_cpu() && ids_in.device().is_cpu() && weights_in.device().is_cpu(), "pack takes CPU tensors");
+  // (.contiguous() returns the tensor itself when it already is)
+  const at::Tensor x = x_in.contiguous(), expert_ids = ids_in.contiguous(), weights = weights_in.contiguous();
+  check_cpu_contiguous(first_holder, "first_holder");
+  TORCH_CHECK(x.dim() == 2 && expert_ids.dim() == 2 && expert_ids.size(0) == x.size(0), "x [T, D] and expert_ids [T, K] must agree");
+  TORCH_CHECK(weights.sizes() == expert_ids.sizes() && weights.scalar_type() == x.scalar_type(),
+              "weights must be [T, K] in x's dtype");
+  TORCH_CHECK(expert_ids.scalar_type() == at::kLong && first_holder.scalar_type() == at::kLong && first_holder.dim() == 1,
+              "expert_ids and first_holder must be int64");
+  TORCH_CHECK(n_shards > 0, "n_shards must be positive");
+  const int64_t T = x.size(0), D = x.size(1), K = expert_ids.size(1), E = first_holder.size(0);
+  const int64_t* ids = expert_ids.data_ptr<int64_t>();
+
+  at::Tensor shard_of;
+  if (shard_of_in.has_value()) {
+    shard_of = *shard_of_in;
+    check_cpu_contiguous(shard_of, "shard_of");
+    TORCH_CHECK(shard_of.sizes() == expert_ids.sizes() && shard_of.scalar_type() == at::kLong, "shard_of must be [T, K] int64");
+  } else {
+    shard_of = at::empty({T, K}, expert_ids.options());
+    const int64_t* holder = first_holder.data_ptr<int64_t>();
+    int64_t* out = shard_of.data_ptr<int64_t>();
+    for (int64_t i = 0; i < T * K; ++i) {
+      TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "expert id ", ids[i], " is not in [0, ", E, ")");
+      out[i] = holder[ids[i]];
+    }
+  }
+  const int64_t* shard = shard_of.data_ptr<int64_t>();
+
+  // Rows per shard, then where each shard's rows start.
+  std::vector<int64_t> start(n_shards + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t s = shard[t * K + k];
+      TORCH_CHECK(s >= 0 && s < n_shards, "shard ", s, " is not in [0, ", n_shards, ")");
+      if (first_slot_on_its_shard(shard + t * K, k)) ++start[s + 1];
+    }
+  }
+  for (int64_t s = 0; s < n_shards; ++s) start[s + 1] += start[s];
+  const int64_t N = start[n_shards];
+
+  at::Tensor x_all = at::empty({N, D}, x.options());
+  at::Tensor ids_all = at::empty({N, K}, expert_ids.options());
+  at::Tensor weights_all = at::empty({N, K}, weights.options());
+  at::Tensor token = at::empty({N}, expert_ids.options());
+  at::Tensor replies = at::empty({N, D}, x.options());
+  at::Tensor result = at::zeros({T, D}, x.options());
+
+  // The rows: each token, in order, goes to each of its shards' next row (weights are copied as
+  // bytes, so one loop serves every dtype; all-zero bytes are +0.0).
+  const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
+  const size_t weight_bytes = weights.element_size();
+  const char* x_from = static_cast<const char*>(x.data_ptr());
+  const char* w_from = static_cast<const char*>(weights.data_ptr());
+  char* x_out = static_cast<char*>(x_all.data_ptr());
+  char* w_out = static_cast<char*>(weights_all.data_ptr());
+  int64_t* ids_out = ids_all.data_ptr<int64_t>();
+  int64_t* token_out = token.data_ptr<int64_t>();
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t* token_shards = shard + t * K;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!first_slot_on_its_shard(token_shards, k)) continue;
+      const int64_t s = token_shards[k];
+      const int64_t n = next[s]++;
+      std::memcpy(x_out + n * row_bytes, x_from + t * row_bytes, row_bytes);
+      for (int64_t j = 0; j < K; ++j) {
+        const bool here = token_shards[j] == s;
+        ids_out[n * K + j] = here ? ids[t * K + j] : -1;
+        char* w = w_out + (n * K + j) * weight_bytes;
+        if (here) {
+          std::memcpy(w, w_from + (t * K + j) * weight_bytes, weight_bytes);
+        } else {
+          std::memset(w, 0, weight_bytes);
+        }
+      }
+      token_out[n] = t;
+    }
+  }
+
+  py::list parts;
+  for (int64_t s = 0; s < n_shards; ++s) {
+    const int64_t rows = start[s + 1] - start[s];
+    if (rows == 0) continue;
+    parts.append(py::make_tuple(s, rows, x_all.narrow(0, start[s], rows), ids_all.narrow(0, start[s], rows),
+                                weights_all.narrow(0, start[s], rows), replies.narrow(0, start[s], rows),
+                                token.narrow(0, start[s], rows)));
+  }
+  return py::make_tuple(shard_of, result, token, replies, parts);
+}
+
+// result [T, D] += rows [n, D] at token [n]: result[token[i]] += rows[i], in order of i (so a
+// token's rows add up in a fixed order). Each add rounds to result's dtype, as index_add_ does.
+void add_rows(at::Tensor& result, const at::Tensor& token, const at::Tensor& rows) {
+  check_cpu_contiguous(result, "result");
+  check_cpu_contiguous(token, "token");
+  check_cpu_contiguous(rows, "rows");
+  TORCH_CHECK(result.dim() == 2 && rows.dim() == 2 && rows.size(1) == result.size(1) && rows.scalar_type() == result.scalar_type(),
+              "rows must be [n, D] in result's dtype");
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1 && token.size(0) == rows.size(0), "token must be [n] int64");
+  const int64_t n = rows.size(0), D = rows.size(1), T = result.size(0);
+  const int64_t* at_token = token.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(at_token[i] >= 0 && at_token[i] < T, "token ", at_token[i], " is not in [0, ", T, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "add_rows", [&] {
+    scalar_t* out = result.data_ptr<scalar_t>();
+    const scalar_t* in = rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t* to = out + at_token[i] * D;
+      const scalar_t* from = in + i * D;
+      for (int64_t d = 0; d < D; ++d) to[d] = to[d] + from[d];
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "Every shard's request of one layer call, in one pass");
+  m.def("add_rows", &add_rows, "result[token[i]] += rows[i], in order");
+}

@@ -1,0 +1,119 @@
+"""The compiled pack and add give the numpy and torch path's results bit for bit, refuse what
+they cannot index, and a machine that cannot build them dispatches all the same."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mixserve.expert_shards import dispatch_kernel as kernel_module
+from mixserve.expert_shards.dispatch import InProcessTransport, ShardClient
+from mixserve.expert_shards.dispatch_kernel import dispatch_kernel
+from mixserve.expert_shards.placement import Placement
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = dispatch_kernel()
+    if built is None:
+        pytest.skip("the dispatch kernel cannot be built here (no C++ compiler or ninja)")
+    return built
+
+
+def gated(tokens: int, experts: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, 32], distinct expert ids [T, k] and gate weights [T, k] as a gate gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 32, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, k, generator=gen), dim=-1).to(dtype)
+    return x, ids, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("placement, k", [
+    (Placement.contiguous(8, 2, capacity=4), 2),  # many tokens have both slots on one shard
+    (Placement.contiguous(8, 8, capacity=1), 2),
+    (Placement.contiguous(8, 4, capacity=3).with_replica(0, 2), 2),  # a hot expert split over 2 shards
+    (Placement.contiguous(6, 3), 3),
+    (Placement.contiguous(8, 2, capacity=4), 1),
+], ids=["2-shards", "8-shards", "4-shards-replicated", "3-slots", "1-slot"])
+def test_the_compiled_pack_gives_the_library_path_requests_bit_for_bit(kernel, placement, k, dtype):
+    compiled = ShardClient(placement, InProcessTransport([]), compiled=True)
+    library = ShardClient(placement, InProcessTransport([]), compiled=False)
+    assert compiled.kernel is kernel and library.kernel is None
+    for seed, tokens in enumerate((1, 7, 32, 33)):
+        x, ids, weights = gated(tokens, placement.num_experts, k, dtype, seed)
+        got = compiled.pack(placement, x, ids, weights)
+        want = library.pack(placement, x, ids, weights)
+        requests, token_of, result = got
+        assert list(requests) == list(want[0])  # the same shards, in the same order (most rows first)
+        for shard, request in requests.items():
+            other = want[0][shard]
+            for name in ("x", "expert_ids", "weights"):
+                assert torch.equal(getattr(request, name), getattr(other, name)), (shard, name)
+                assert getattr(request, name).dtype == getattr(other, name).dtype
+            assert request.reply_into.shape == other.reply_into.shape == request.x.shape
+            assert torch.equal(token_of[shard], want[1][shard])
+        assert result.shape == x.shape and result.dtype == dtype and not result.any()
+        # each slot's weight and id went to exactly one shard
+        slots_sent = sum(int((r.expert_ids >= 0).sum()) for r in requests.values())
+        assert slots_sent == tokens * k
+    assert compiled.load_counts() == library.load_counts()
+    assert sum(compiled.tokens_sent) == sum((1, 7, 32, 33)) * k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_compiled_add_matches_index_add_bit_for_bit(kernel, dtype):
+    # As dispatch adds: each shard's answer once, its tokens distinct, the shards one after another
+    # (index_add_ itself sums a repeated index in float before rounding, in bfloat16 and float16).
+    gen = torch.Generator().manual_seed(7)
+    start = torch.randn(9, 48, generator=gen).to(dtype)
+    got, want = start.clone(), start.clone()
+    for _ in range(3):
+        token = torch.randperm(9, generator=gen)[:6]
+        rows = (torch.randn(6, 48, generator=gen) * 100).to(dtype)
+        kernel.add_rows(got, token, rows)
+        want.index_add_(0, token, rows)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, start)
+
+
+def test_the_compiled_kernel_refuses_what_it_cannot_index(kernel):
+    x, weights = torch.randn(2, 8), torch.rand(2, 2)
+    first_holder = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="expert id 4 is not in"):
+        kernel.pack(x, torch.tensor([[0, 4], [1, 2]]), weights, first_holder, None, 2)
+    with pytest.raises(RuntimeError, match="shard 2 is not in"):
+        kernel.pack(x, torch.tensor([[0, 3], [1, 2]]), weights, first_holder, torch.tensor([[0, 2], [1, 1]]), 2)
+    with pytest.raises(RuntimeError, match="weights must be"):
+        kernel.pack(x, torch.tensor([[0, 3], [1, 2]]), weights.double(), first_holder, None, 2)
+    result = torch.zeros(3, 8)
+    with pytest.raises(RuntimeError, match="token 3 is not in"):
+        kernel.add_rows(result, torch.tensor([0, 3]), torch.ones(2, 8))
+    with pytest.raises(RuntimeError, match="rows must be"):
+        kernel.add_rows(result, torch.tensor([0, 1]), torch.ones(2, 7))
+    assert not result.any()  # nothing was added before the refusal
+
+
+def test_a_machine_that_cannot_build_the_kernel_says_why_and_dispatches_without_it(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++;\n")  # fails at once, before any header is read
+    monkeypatch.setattr(kernel_module, "SOURCE", broken)
+    monkeypatch.setattr(kernel_module, "MODULE_NAME", "mixserve_dispatch_kernel_broken_test")
+    with caplog.at_level(logging.WARNING, logger=kernel_module.__name__):
+        assert kernel_module._build() is None
+    (record,) = caplog.records
+    assert "dispatching through numpy and torch" in record.getMessage()
+    assert "error:" in record.getMessage()  # the compiler's own reason, not its whole log
+    monkeypatch.setattr(kernel_module, "_built", [None])  # as dispatch_kernel() then answers
+    placement = Placement.contiguous(8, 2, capacity=4)
+    client = ShardClient(placement, InProcessTransport([]))
+    assert client.kernel is None
+    x, ids, weights = gated(5, 8, 2, torch.float32, 0)
+    requests, token_of, _ = client.pack(placement, x, ids, weights)
+    for shard, tokens in token_of.items():  # each shard gets the tokens with a slot on one of its experts
+        held = torch.isin(ids, torch.tensor(placement.experts_of(shard))).any(dim=1)
+        assert tokens.tolist() == held.nonzero().flatten().tolist()
+    assert sum(int((r.expert_ids >= 0).sum()) for r in requests.values()) == 10
