@@ -144,7 +144,7 @@ class ShardClient:
         # counted when read (about once a second) from the (ids, shard_of) arrays each layer call
         # leaves here: two bincounts and two adds per call cost ~50 us on the dispatch's critical
         # path with its caches cold. A deque: the step thread appends, the reporter pops.
-        self._uncounted: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._uncounted: deque[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]] = deque()
         self._tokens_sent = np.zeros(placement.n_shards, dtype=np.int64)
         self._expert_tokens = np.zeros(placement.num_experts, dtype=np.int64)
         self._count_lock = threading.Lock()  # one fold at a time
@@ -276,7 +276,7 @@ class ShardClient:
         # A replicated expert's split is rare and Python's (see assign); every other slot goes to
         # its expert's first holder, which the kernel looks up itself.
         shard_of = torch.from_numpy(self.route(placement, expert_ids.numpy())) if has_copies else None
-        shard_of_all, result, _, _, parts = kernel.pack(x, expert_ids, weights, first_holder, shard_of, placement.n_shards)
+        shard_of_all, result, parts = kernel.pack(x, expert_ids, weights, first_holder, shard_of, placement.n_shards)
         if shard_of is None:
             self._count_later(expert_ids, shard_of_all)
         requests: dict[int, ShardRequest] = {}

@@ -31,12 +31,10 @@ inline bool first_slot_on_its_shard(const int64_t* token_shards, int64_t k) {
 // x [T, D], expert_ids [T, K] int64, weights [T, K] in x's dtype, first_holder [E] int64 (the
 // shard of each expert's first holder), shard_of [T, K] int64 or None (the shard of every slot,
 // when some expert has copies; else every slot goes to its expert's first holder).
-// Returns (shard_of [T, K], result [T, D] zeros, token [N], replies [N, D] uninitialised, parts):
-// the rows of the [N] arrays are grouped by shard in shard order, tokens in order within each,
-// and parts holds, for each shard with rows and in shard order,
-// (shard, T_s, x [T_s, D], expert_ids [T_s, K] with -1 where another shard computes the slot,
-// weights [T_s, K] with 0 there, replies [T_s, D], token [T_s]), the last three views of the
-// [N] arrays.
+// Returns (shard_of [T, K], result [T, D] zeros, parts): parts holds, for each shard with rows
+// and in shard order, (shard, T_s, x [T_s, D], expert_ids [T_s, K] with -1 where another shard
+// computes the slot, weights [T_s, K] with 0 there, replies [T_s, D] uninitialised (where its
+// answer lands), token [T_s] in order): each a view of one [N] array for all shards.
 py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                const at::Tensor& first_holder, const c10::optional<at::Tensor>& shard_of_in, int64_t n_shards) {
   TORCH_CHECK(x_in.device().is_cpu() && ids_in.device().is_cpu() && weights_in.device().is_cpu(), "pack takes CPU tensors");
@@ -127,7 +125,7 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
                                 weights_all.narrow(0, start[s], rows), replies.narrow(0, start[s], rows),
                                 token.narrow(0, start[s], rows)));
   }
-  return py::make_tuple(shard_of, result, token, replies, parts);
+  return py::make_tuple(shard_of, result, parts);
 }
 
 // result [T, D] += rows [n, D] at token [n]: result[token[i]] += rows[i], in order of i (so a
