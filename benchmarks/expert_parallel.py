@@ -236,6 +236,7 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     sections = []
     shard_kernels = set()  # what the shards' default MoE kernel resolved to
+    pack_paths = set()  # the replica's pack and add: compiled (dispatch_kernel.py), or numpy and torch without a compiler
     for model_name in ns.models.split(","):
         folder = ensure_checkpoint(model_name)
         args = ModelArgs.from_folder(folder)
@@ -244,6 +245,7 @@ def main() -> None:
         placement = Placement.contiguous(args.num_experts, N_SHARDS, capacity=args.num_experts // N_SHARDS + 1)
         topo = start_topology(folder, placement, top, ns.attention_threads, heavy)
         shard_kernels.update(info.moe_kernel for info in topo.group.infos.values())
+        pack_paths.add("compiled" if topo.client.kernel is not None else "numpy and torch calls")
         try:
             for engine in topo.engines.values():
                 run_to_completion(engine, prompts(2, 16, 0), 4)
@@ -321,7 +323,8 @@ def main() -> None:
             f"{N_SHARDS} expert shard actors (1 CPU, 1 torch thread each, MoE kernel {'/'.join(sorted(shard_kernels))}; "
             "TCP channels), the attention engine in "
             f"the driver process ({ns.attention_threads} torch thread(s), {ns.heavy_op_threads or ns.attention_threads} for the "
-            "LM head and the attention projections, which run while the shards wait); the single-process engine in the same process "
+            "LM head and the attention projections, which run while the shards wait; its dispatch's pack and add: "
+            f"{'/'.join(sorted(pack_paths))}); the single-process engine in the same process "
             f"({DEFAULT_THREADS} threads), same "
             f"checkpoint, same run. {ns.new_tokens} new tokens, 16-token prompts, medians of {ns.repeats} rounds, "
             "the three engines alternating within each round. "
