@@ -5,9 +5,11 @@
 // Shape legend: T = tokens, K = slots (experts) per token, D = model dim, E = experts,
 // S = shards, T_s = tokens with at least one slot on shard s, N = sum over s of T_s.
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -36,9 +38,9 @@ inline bool first_slot_on_its_shard(const int64_t* token_shards, int64_t k) {
 // computes the slot, weights [T_s, K] with 0 there, replies [T_s, D] uninitialised (where its
 // answer lands), token [T_s] in order): each a view of one [N] array for all shards.
 py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
-               const at::Tensor& first_holder, const c10::optional<at::Tensor>& shard_of_in, int64_t n_shards) {
+               const at::Tensor& first_holder, const std::optional<at::Tensor>& shard_of_in, int64_t n_shards) {
   TORCH_CHECK(x_in.device().is_cpu() && ids_in.device().is_cpu() && weights_in.device().is_cpu(), "pack takes CPU tensors");
-  // (.contiguous() returns the tensor itself when it already is)
+  // (.contiguous() returns the tensor itself when it already is; a copy lives as long as these names)
   const at::Tensor x = x_in.contiguous(), expert_ids = ids_in.contiguous(), weights = weights_in.contiguous();
   check_cpu_contiguous(first_holder, "first_holder");
   TORCH_CHECK(x.dim() == 2 && expert_ids.dim() == 2 && expert_ids.size(0) == x.size(0), "x [T, D] and expert_ids [T, K] must agree");
@@ -47,73 +49,84 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   TORCH_CHECK(expert_ids.scalar_type() == at::kLong && first_holder.scalar_type() == at::kLong && first_holder.dim() == 1,
               "expert_ids and first_holder must be int64");
   TORCH_CHECK(n_shards > 0, "n_shards must be positive");
-  const int64_t T = x.size(0), D = x.size(1), K = expert_ids.size(1), E = first_holder.size(0);
-  const int64_t* ids = expert_ids.data_ptr<int64_t>();
-
-  at::Tensor shard_of;
+  at::Tensor given;
   if (shard_of_in.has_value()) {
-    shard_of = *shard_of_in;
-    check_cpu_contiguous(shard_of, "shard_of");
-    TORCH_CHECK(shard_of.sizes() == expert_ids.sizes() && shard_of.scalar_type() == at::kLong, "shard_of must be [T, K] int64");
-  } else {
-    shard_of = at::empty({T, K}, expert_ids.options());
-    const int64_t* holder = first_holder.data_ptr<int64_t>();
-    int64_t* out = shard_of.data_ptr<int64_t>();
-    for (int64_t i = 0; i < T * K; ++i) {
-      TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "expert id ", ids[i], " is not in [0, ", E, ")");
-      out[i] = holder[ids[i]];
-    }
+    given = shard_of_in->contiguous();
+    TORCH_CHECK(given.device().is_cpu() && given.sizes() == expert_ids.sizes() && given.scalar_type() == at::kLong,
+                "shard_of must be [T, K] int64 on the CPU");
   }
-  const int64_t* shard = shard_of.data_ptr<int64_t>();
+  const int64_t T = x.size(0), D = x.size(1), K = expert_ids.size(1), E = first_holder.size(0);
 
-  // Rows per shard, then where each shard's rows start.
+  at::Tensor shard_of, x_all, ids_all, weights_all, token, replies, result;
   std::vector<int64_t> start(n_shards + 1, 0);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t s = shard[t * K + k];
-      TORCH_CHECK(s >= 0 && s < n_shards, "shard ", s, " is not in [0, ", n_shards, ")");
-      if (first_slot_on_its_shard(shard + t * K, k)) ++start[s + 1];
-    }
-  }
-  for (int64_t s = 0; s < n_shards; ++s) start[s + 1] += start[s];
-  const int64_t N = start[n_shards];
-
-  at::Tensor x_all = at::empty({N, D}, x.options());
-  at::Tensor ids_all = at::empty({N, K}, expert_ids.options());
-  at::Tensor weights_all = at::empty({N, K}, weights.options());
-  at::Tensor token = at::empty({N}, expert_ids.options());
-  at::Tensor replies = at::empty({N, D}, x.options());
-  at::Tensor result = at::zeros({T, D}, x.options());
-
-  // The rows: each token, in order, goes to each of its shards' next row (weights are copied as
-  // bytes, so one loop serves every dtype; all-zero bytes are +0.0).
-  const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
-  const size_t weight_bytes = weights.element_size();
-  const char* x_from = static_cast<const char*>(x.data_ptr());
-  const char* w_from = static_cast<const char*>(weights.data_ptr());
-  char* x_out = static_cast<char*>(x_all.data_ptr());
-  char* w_out = static_cast<char*>(weights_all.data_ptr());
-  int64_t* ids_out = ids_all.data_ptr<int64_t>();
-  int64_t* token_out = token.data_ptr<int64_t>();
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t* token_shards = shard + t * K;
-    for (int64_t k = 0; k < K; ++k) {
-      if (!first_slot_on_its_shard(token_shards, k)) continue;
-      const int64_t s = token_shards[k];
-      const int64_t n = next[s]++;
-      std::memcpy(x_out + n * row_bytes, x_from + t * row_bytes, row_bytes);
-      for (int64_t j = 0; j < K; ++j) {
-        const bool here = token_shards[j] == s;
-        ids_out[n * K + j] = here ? ids[t * K + j] : -1;
-        char* w = w_out + (n * K + j) * weight_bytes;
-        if (here) {
-          std::memcpy(w, w_from + (t * K + j) * weight_bytes, weight_bytes);
-        } else {
-          std::memset(w, 0, weight_bytes);
-        }
+  {
+    // A prefill's pack copies megabytes: the replica's other threads (its event loop) run meanwhile.
+    py::gil_scoped_release no_gil;
+    const int64_t* ids = expert_ids.data_ptr<int64_t>();
+    // Every slot's shard, read once: the passes below trust these values, never the caller's memory.
+    std::vector<int64_t> slot_shard(T * K);
+    if (given.defined()) {
+      std::memcpy(slot_shard.data(), given.data_ptr<int64_t>(), slot_shard.size() * sizeof(int64_t));
+      shard_of = given;
+    } else {
+      const int64_t* holder = first_holder.data_ptr<int64_t>();
+      for (int64_t i = 0; i < T * K; ++i) {
+        TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "expert id ", ids[i], " is not in [0, ", E, ")");
+        slot_shard[i] = holder[ids[i]];
       }
-      token_out[n] = t;
+      shard_of = at::empty({T, K}, expert_ids.options());
+      if (!slot_shard.empty()) std::memcpy(shard_of.data_ptr<int64_t>(), slot_shard.data(), slot_shard.size() * sizeof(int64_t));
+    }
+    const int64_t* shard = slot_shard.data();
+
+    // Rows per shard, then where each shard's rows start.
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t s = shard[t * K + k];
+        TORCH_CHECK(s >= 0 && s < n_shards, "shard ", s, " is not in [0, ", n_shards, ")");
+        if (first_slot_on_its_shard(shard + t * K, k)) ++start[s + 1];
+      }
+    }
+    for (int64_t s = 0; s < n_shards; ++s) start[s + 1] += start[s];
+    const int64_t N = start[n_shards];
+
+    x_all = at::empty({N, D}, x.options());
+    ids_all = at::empty({N, K}, expert_ids.options());
+    weights_all = at::empty({N, K}, weights.options());
+    token = at::empty({N}, expert_ids.options());
+    replies = at::empty({N, D}, x.options());
+    result = at::zeros({T, D}, x.options());
+
+    // The rows: each token, in order, goes to each of its shards' next row (weights are copied as
+    // bytes, so one loop serves every dtype; all-zero bytes are +0.0).
+    const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
+    const size_t weight_bytes = weights.element_size();
+    const char* x_from = static_cast<const char*>(x.data_ptr());
+    const char* w_from = static_cast<const char*>(weights.data_ptr());
+    char* x_out = static_cast<char*>(x_all.data_ptr());
+    char* w_out = static_cast<char*>(weights_all.data_ptr());
+    int64_t* ids_out = ids_all.data_ptr<int64_t>();
+    int64_t* token_out = token.data_ptr<int64_t>();
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t* token_shards = shard + t * K;
+      for (int64_t k = 0; k < K; ++k) {
+        if (!first_slot_on_its_shard(token_shards, k)) continue;
+        const int64_t s = token_shards[k];
+        const int64_t n = next[s]++;
+        if (row_bytes) std::memcpy(x_out + n * row_bytes, x_from + t * row_bytes, row_bytes);
+        for (int64_t j = 0; j < K; ++j) {
+          const bool here = token_shards[j] == s;
+          ids_out[n * K + j] = here ? ids[t * K + j] : -1;
+          char* w = w_out + (n * K + j) * weight_bytes;
+          if (here) {
+            std::memcpy(w, w_from + (t * K + j) * weight_bytes, weight_bytes);
+          } else {
+            std::memset(w, 0, weight_bytes);
+          }
+        }
+        token_out[n] = t;
+      }
     }
   }
 
@@ -137,11 +150,14 @@ void add_rows(at::Tensor& result, const at::Tensor& token, const at::Tensor& row
   TORCH_CHECK(result.dim() == 2 && rows.dim() == 2 && rows.size(1) == result.size(1) && rows.scalar_type() == result.scalar_type(),
               "rows must be [n, D] in result's dtype");
   TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1 && token.size(0) == rows.size(0), "token must be [n] int64");
+  TORCH_CHECK(!result.requires_grad(), "add_rows writes in place: result must not require grad");
+  at::assert_no_overlap(result, rows);  // rows read after some of result was written would be wrong
   const int64_t n = rows.size(0), D = rows.size(1), T = result.size(0);
   const int64_t* at_token = token.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(at_token[i] >= 0 && at_token[i] < T, "token ", at_token[i], " is not in [0, ", T, ")");
   }
+  py::gil_scoped_release no_gil;  // (a prefill's answers are megabytes)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "add_rows", [&] {
     scalar_t* out = result.data_ptr<scalar_t>();
     const scalar_t* in = rows.data_ptr<scalar_t>();

@@ -14,22 +14,30 @@ overhead's median layer call 1.01 -> 0.72 ms.
 
 Why at run time and not at install: an extension built against torch at install time needs
 torch inside pip's isolated build environment, which would pull a multi-GB CUDA wheel. The
-build takes ~25 s once (torch's cache, ~/.cache/torch_extensions, keyed by the source); `make
-install` does it ahead. Without a compiler (or with tensors on an accelerator) the dispatch
-takes its numpy and torch path, which gives the same results bit for bit.
+build takes ~25 s once per source text and torch version (torch's cache: ~/.cache/
+torch_extensions, or TORCH_EXTENSIONS_DIR); `make install` does it ahead. Without a compiler
+(or with tensors on an accelerator) the dispatch takes its numpy and torch path, which gives
+the same results bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("dispatch_kernel.cpp")
-# The module's name in torch's extension cache; a changed source rebuilds under the same name.
-MODULE_NAME = "mixserve_dispatch_kernel"
+MODULE_PREFIX = "mixserve_dispatch_kernel"
+# torch's build lock has no timeout, and a process killed while building (a health check's kill,
+# an interrupted test) leaves it behind; a build takes ~25 s, so a lock this old is such a leftover.
+STALE_LOCK_S = 600.0
+# A build's failure is the compiler's whole log: the first line that says why is what is logged.
+_REASON_MARKS = ("error:", "not found", "No such file", "is required")
 
 _lock = threading.Lock()
 _built: list[ModuleType | None] = []  # empty until the first build attempt, then [the module or None]
@@ -44,16 +52,31 @@ def dispatch_kernel() -> ModuleType | None:
         return _built[0]
 
 
+def module_name() -> str:
+    """The module's name, and its folder in torch's extension cache: one per source text and torch
+    version, so that two checkouts or two environments on a node never load each other's build."""
+    import torch
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return f"{MODULE_PREFIX}_{digest}"
+
+
 def _build() -> ModuleType | None:
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
-        return load(name=MODULE_NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        name = module_name()
+        folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name  # as torch picks it
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale build lock left by an interrupted build: %s", lock)
+            lock.unlink(missing_ok=True)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder), verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: the numpy path serves
-        lines = str(exc).splitlines() or [type(exc).__name__]
-        # A failed build's message is the whole compiler log: its first error line says why.
-        reason = next((line.strip() for line in lines if "error:" in line), lines[0])
-        log.warning("mixserve's compiled dispatch kernel is unavailable (%s); dispatching through numpy and torch", reason)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = next((line for line in lines if any(mark in line for mark in _REASON_MARKS)), lines[0])
+        log.warning("mixserve's compiled dispatch kernel is unavailable (%s); dispatching through numpy and torch", reason[:300])
         return None
 
 

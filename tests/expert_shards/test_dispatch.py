@@ -144,9 +144,11 @@ def test_a_replicated_expert_is_split_over_its_holders_whatever_the_ids_layout()
     Placement.contiguous(8, 4, capacity=3),
     Placement.contiguous(8, 4, capacity=3).with_replica(0, 2),
 ], ids=["one-holder-each", "a-replicated-expert"])
-def test_the_load_counts_hold_every_slot_routed_even_read_while_routing(placement):
-    # Counted when read, from what each call leaves behind: a reader on another thread (the load
-    # reporter) loses nothing, and what waits uncounted stays bounded when nobody reads.
+@pytest.mark.parametrize("via", ["route", "compiled-pack"])
+def test_the_load_counts_hold_every_slot_routed_even_read_while_routing(placement, via):
+    # Counted when read, from what each call leaves behind (numpy arrays from route, tensors from
+    # the compiled pack): a reader on another thread (the load reporter) loses nothing, and what
+    # waits uncounted stays bounded when nobody reads.
     client = ShardClient(placement, InProcessTransport([]))
     gen = torch.Generator().manual_seed(0)
     expected_shards, expected_experts = np.zeros(4, dtype=np.int64), np.zeros(8, dtype=np.int64)
@@ -168,8 +170,13 @@ def test_the_load_counts_hold_every_slot_routed_even_read_while_routing(placemen
         for _ in range(3000):
             first = torch.randint(0, 8, (5, 1), generator=gen)
             ids = torch.cat([first, (first + torch.randint(1, 8, (5, 1), generator=gen)) % 8], dim=1)  # distinct pairs
-            shard_of = client.route(placement, ids.numpy())
-            expected_shards += np.bincount(shard_of.reshape(-1), minlength=4)
+            if via == "route":
+                shard_of = client.route(placement, ids.numpy())
+                expected_shards += np.bincount(shard_of.reshape(-1), minlength=4)
+            else:
+                requests = client.pack(placement, torch.zeros(5, 4), ids, torch.full((5, 2), 0.5))[0]
+                for shard, request in requests.items():
+                    expected_shards[shard] += int((request.expert_ids >= 0).sum())
             expected_experts += np.bincount(ids.reshape(-1).numpy(), minlength=8)
     finally:
         stop.set()
