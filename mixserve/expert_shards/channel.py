@@ -412,8 +412,11 @@ class TcpTransport:
             rows, dim = x.shape
             req_id = next(self._ids)
             fields = (REQUEST, DTYPE_CODES[x.dtype], ids.shape[1], rows, dim, layer, req_id)
-            frames = [_as_bytes(x), _as_bytes(ids if ids.dtype is torch.long else ids.long()),
-                      _as_bytes(weights if weights.dtype is x.dtype else weights.to(x.dtype))]
+            if req.wire is not None:  # the three frames already lie back to back (the compiled pack)
+                frames = [_as_bytes(req.wire)]
+            else:
+                frames = [_as_bytes(x), _as_bytes(ids if ids.dtype is torch.long else ids.long()),
+                          _as_bytes(weights if weights.dtype is x.dtype else weights.to(x.dtype))]
             outgoing.append((shard, req_id, rows, fields, frames))
         pending: dict[int, _Sent] = {}
         try:

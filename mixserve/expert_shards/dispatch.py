@@ -55,6 +55,10 @@ class ShardRequest:
     # [T_s, D] where the answer should land, if the transport can read it straight in (the
     # replica then adds it back to its tokens from there); a reply elsewhere is copied in.
     reply_into: torch.Tensor | None = None
+    # uint8 [bytes]: x, expert_ids and weights back to back, the memory the three tensors above
+    # are views of, when they lie so (the compiled pack lays them out as the TCP channel sends
+    # them, one buffer for it to hand the kernel instead of three).
+    wire: torch.Tensor | None = None
 
 
 @dataclass
@@ -288,8 +292,8 @@ class ShardClient:
             self._count_later(expert_ids, shard_of_all)
         requests: dict[int, ShardRequest] = {}
         token_of: dict[int, torch.Tensor] = {}
-        for shard, _, x_s, ids_s, weights_s, replies_s, token_s in sorted(parts, key=lambda part: -part[1]):
-            requests[shard] = ShardRequest(x_s, ids_s, weights_s, reply_into=replies_s)
+        for shard, _, x_s, ids_s, weights_s, replies_s, token_s, wire in sorted(parts, key=lambda part: -part[1]):
+            requests[shard] = ShardRequest(x_s, ids_s, weights_s, reply_into=replies_s, wire=wire)
             token_of[shard] = token_s
         return requests, token_of, result, kernel.add_rows
 

@@ -28,6 +28,13 @@ inline bool first_slot_on_its_shard(const int64_t* token_shards, int64_t k) {
   return true;
 }
 
+// Where a shard's request lies in its block, in bytes from the block's start (x at 0).
+struct BlockLayout {
+  int64_t block_at = 0, ids_at = 0, weights_at = 0, end = 0;
+};
+
+inline int64_t round_up_8(int64_t n) { return (n + 7) / 8 * 8; }
+
 }  // namespace
 
 // x [T, D], expert_ids [T, K] int64, weights [T, K] in x's dtype, first_holder [E] int64 (the
@@ -36,7 +43,9 @@ inline bool first_slot_on_its_shard(const int64_t* token_shards, int64_t k) {
 // Returns (shard_of [T, K], result [T, D] zeros, parts): parts holds, for each shard with rows
 // and in shard order, (shard, T_s, x [T_s, D], expert_ids [T_s, K] with -1 where another shard
 // computes the slot, weights [T_s, K] with 0 there, replies [T_s, D] uninitialised (where its
-// answer lands), token [T_s] in order): each a view of one [N] array for all shards.
+// answer lands), token [T_s] in order, wire): x, expert_ids and weights are views of one block
+// per shard, and wire is that block as bytes (uint8, x then ids then weights, the channel's
+// frames as they go out) or None where D's bytes leave the ids off an 8-byte boundary.
 py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                const at::Tensor& first_holder, const std::optional<at::Tensor>& shard_of_in, int64_t n_shards) {
   TORCH_CHECK(x_in.device().is_cpu() && ids_in.device().is_cpu() && weights_in.device().is_cpu(), "pack takes CPU tensors");
@@ -57,8 +66,10 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   }
   const int64_t T = x.size(0), D = x.size(1), K = expert_ids.size(1), E = first_holder.size(0);
 
-  at::Tensor shard_of, x_all, ids_all, weights_all, token, replies, result;
+  at::Tensor shard_of, blocks, token, replies, result;
   std::vector<int64_t> start(n_shards + 1, 0);
+  std::vector<BlockLayout> layouts(n_shards);
+  const int64_t row_bytes = D * x.element_size(), weight_bytes = weights.element_size();
   {
     // A prefill's pack copies megabytes: the replica's other threads (its event loop) run meanwhile.
     py::gil_scoped_release no_gil;
@@ -90,22 +101,26 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     for (int64_t s = 0; s < n_shards; ++s) start[s + 1] += start[s];
     const int64_t N = start[n_shards];
 
-    x_all = at::empty({N, D}, x.options());
-    ids_all = at::empty({N, K}, expert_ids.options());
-    weights_all = at::empty({N, K}, weights.options());
+    // Each shard's request in one block of its own, laid out as the channel sends it: x [T_s, D],
+    // then ids [T_s, K] (at an 8-byte boundary), then weights [T_s, K]; blocks start at 8-byte
+    // boundaries of one buffer.
+    for (int64_t s = 0; s < n_shards; ++s) {
+      const int64_t rows = start[s + 1] - start[s];
+      layouts[s].ids_at = round_up_8(rows * row_bytes);
+      layouts[s].weights_at = layouts[s].ids_at + rows * K * 8;
+      layouts[s].end = layouts[s].weights_at + rows * K * weight_bytes;
+      layouts[s].block_at = s == 0 ? 0 : round_up_8(layouts[s - 1].block_at + layouts[s - 1].end);
+    }
+    blocks = at::empty({round_up_8(layouts[n_shards - 1].block_at + layouts[n_shards - 1].end)}, x.options().dtype(at::kByte));
     token = at::empty({N}, expert_ids.options());
     replies = at::empty({N, D}, x.options());
     result = at::zeros({T, D}, x.options());
 
     // The rows: each token, in order, goes to each of its shards' next row (weights are copied as
     // bytes, so one loop serves every dtype; all-zero bytes are +0.0).
-    const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
-    const size_t weight_bytes = weights.element_size();
     const char* x_from = static_cast<const char*>(x.data_ptr());
     const char* w_from = static_cast<const char*>(weights.data_ptr());
-    char* x_out = static_cast<char*>(x_all.data_ptr());
-    char* w_out = static_cast<char*>(weights_all.data_ptr());
-    int64_t* ids_out = ids_all.data_ptr<int64_t>();
+    char* base = static_cast<char*>(blocks.data_ptr());
     int64_t* token_out = token.data_ptr<int64_t>();
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t t = 0; t < T; ++t) {
@@ -114,15 +129,18 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
         if (!first_slot_on_its_shard(token_shards, k)) continue;
         const int64_t s = token_shards[k];
         const int64_t n = next[s]++;
-        if (row_bytes) std::memcpy(x_out + n * row_bytes, x_from + t * row_bytes, row_bytes);
+        const int64_t row = n - start[s];  // within the shard's block
+        char* block = base + layouts[s].block_at;
+        if (row_bytes) std::memcpy(block + row * row_bytes, x_from + t * row_bytes, row_bytes);
+        int64_t* ids_out = reinterpret_cast<int64_t*>(block + layouts[s].ids_at) + row * K;
+        char* w_out = block + layouts[s].weights_at + row * K * weight_bytes;
         for (int64_t j = 0; j < K; ++j) {
           const bool here = token_shards[j] == s;
-          ids_out[n * K + j] = here ? ids[t * K + j] : -1;
-          char* w = w_out + (n * K + j) * weight_bytes;
+          ids_out[j] = here ? ids[t * K + j] : -1;
           if (here) {
-            std::memcpy(w, w_from + (t * K + j) * weight_bytes, weight_bytes);
+            std::memcpy(w_out + j * weight_bytes, w_from + (t * K + j) * weight_bytes, weight_bytes);
           } else {
-            std::memset(w, 0, weight_bytes);
+            std::memset(w_out + j * weight_bytes, 0, weight_bytes);
           }
         }
         token_out[n] = t;
@@ -134,9 +152,14 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   for (int64_t s = 0; s < n_shards; ++s) {
     const int64_t rows = start[s + 1] - start[s];
     if (rows == 0) continue;
-    parts.append(py::make_tuple(s, rows, x_all.narrow(0, start[s], rows), ids_all.narrow(0, start[s], rows),
-                                weights_all.narrow(0, start[s], rows), replies.narrow(0, start[s], rows),
-                                token.narrow(0, start[s], rows)));
+    const BlockLayout& layout = layouts[s];
+    const at::Tensor block = blocks.narrow(0, layout.block_at, layout.end);
+    // The bytes the channel sends as they lie, when nothing pads the ids' start.
+    py::object wire = layout.ids_at == rows * row_bytes ? py::cast(block) : py::none();
+    parts.append(py::make_tuple(s, rows, block.narrow(0, 0, rows * row_bytes).view(x.scalar_type()).view({rows, D}),
+                                block.narrow(0, layout.ids_at, rows * K * 8).view(at::kLong).view({rows, K}),
+                                block.narrow(0, layout.weights_at, rows * K * weight_bytes).view(weights.scalar_type()).view({rows, K}),
+                                replies.narrow(0, start[s], rows), token.narrow(0, start[s], rows), wire));
   }
   return py::make_tuple(shard_of, result, parts);
 }

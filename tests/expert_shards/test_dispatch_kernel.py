@@ -14,7 +14,8 @@ import torch
 
 from mixserve.errors import MixserveError
 from mixserve.expert_shards import dispatch_kernel as kernel_module
-from mixserve.expert_shards.dispatch import InProcessTransport, ShardClient
+from mixserve.expert_shards.channel import ShardServer, TcpTransport
+from mixserve.expert_shards.dispatch import InProcessTransport, RemoteExperts, ShardClient
 from mixserve.expert_shards.dispatch_kernel import dispatch_kernel
 from mixserve.expert_shards.placement import Placement
 
@@ -27,10 +28,10 @@ def kernel():
     return built
 
 
-def gated(tokens: int, experts: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, 32], distinct expert ids [T, k] and gate weights [T, k] as a gate gives them."""
+def gated(tokens: int, experts: int, k: int, dtype: torch.dtype, seed: int, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, dim], distinct expert ids [T, k] and gate weights [T, k] as a gate gives them."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 32, generator=gen).to(dtype)
+    x = torch.randn(tokens, dim, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
     weights = torch.softmax(torch.randn(tokens, k, generator=gen), dim=-1).to(dtype)
     return x, ids, weights
@@ -100,6 +101,61 @@ def test_the_compiled_kernel_refuses_what_it_cannot_index(kernel):
     with pytest.raises(RuntimeError, match="rows must be"):
         kernel.add_rows(result, torch.tensor([0, 1]), torch.ones(2, 7))
     assert not result.any()  # nothing was added before the refusal
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).flatten()
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.float32, 32), (torch.bfloat16, 64), (torch.bfloat16, 3), (torch.float32, 0)])
+def test_each_compiled_request_lies_as_the_channel_sends_it(kernel, dtype, dim):
+    # x, then ids, then weights, back to back in one buffer (wire), unless x's rows leave the ids
+    # off an 8-byte boundary: then the views are still right and there is no wire.
+    placement = Placement.contiguous(8, 4, capacity=2)
+    client = ShardClient(placement, InProcessTransport([]))
+    library = ShardClient(placement, InProcessTransport([]), compiled=False)
+    wires = 0
+    for seed, tokens in enumerate((1, 6, 21, 40)):
+        x, ids, weights = gated(tokens, 8, 2, dtype, seed, dim)
+        want = library.pack(placement, x, ids, weights)[0]
+        for shard, request in client.pack(placement, x, ids, weights)[0].items():
+            for name in ("x", "expert_ids", "weights"):
+                assert torch.equal(getattr(request, name), getattr(want[shard], name))
+            if request.wire is None:
+                assert (request.x.shape[0] * dim * dtype.itemsize) % 8
+                continue
+            wires += 1
+            assert request.wire.dtype == torch.uint8
+            assert torch.equal(request.wire, torch.cat([as_bytes(request.x), as_bytes(request.expert_ids), as_bytes(request.weights)]))
+            assert request.wire.data_ptr() == request.x.data_ptr() or dim == 0  # the views' own memory
+    assert wires > 0
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.float32, 32), (torch.bfloat16, 3)])
+def test_compiled_requests_reach_the_shards_as_the_library_path_s_do(kernel, dtype, dim):
+    placement = Placement.contiguous(8, 2, capacity=4)
+    seen: dict[int, list] = {0: [], 1: []}
+
+    def recorder(shard: int):
+        def compute(layer, x, ids, weights):
+            seen[shard].append((x.clone(), ids.clone(), weights.clone()))
+            return x * 2
+        return compute
+
+    servers = [ShardServer(recorder(s)) for s in range(2)]
+    transport = TcpTransport({s: srv.address for s, srv in enumerate(servers)})
+    try:
+        x, ids, weights = gated(13, 8, 2, dtype, 5, dim)
+        for compiled in (True, False):
+            remote = RemoteExperts(0, 8, ShardClient(placement, transport, compiled=compiled))
+            remote(x, ids, weights)
+        for shard in (0, 1):
+            (a, b) = seen[shard]  # one request from each path
+            assert all(torch.equal(p, q) and p.dtype == q.dtype for p, q in zip(a, b))
+    finally:
+        transport.close()
+        for srv in servers:
+            srv.close()
 
 
 def test_the_compiled_pack_takes_strided_inputs_and_no_tokens_like_the_library_path(kernel):
