@@ -163,27 +163,58 @@ def test_two_big_layers_in_flight_do_not_deadlock(server):
         transport.close()
 
 
-def test_a_failing_compute_is_a_clear_error_and_the_channel_stays_usable():
+def with_buffer(req: ShardRequest, into: bool) -> ShardRequest:
+    """req, naming a buffer for its answer if `into` (then the transport reads the answer's first
+    bytes together with its header, whatever the message turns out to be)."""
+    if into:
+        req.reply_into = torch.full_like(req.x, float("nan"))
+    return req
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["no-buffer", "into-a-buffer"])
+def test_a_failing_compute_is_a_clear_error_and_the_channel_stays_usable(into):
     def picky(layer, x, ids, w):
         if layer == 7:
             raise ValueError("no layer 7")
         return x
 
     with channel_to(picky) as transport:
-        with pytest.raises(ShardUnavailableError, match="expert shard 0 failed: ValueError: no layer 7"):
-            transport.collect(transport.submit(7, {0: request(2)}))
-        req = request(2, seed=5)
+        with pytest.raises(ShardUnavailableError, match="expert shard 0 failed: ValueError: no layer 7$"):
+            transport.collect(transport.submit(7, {0: with_buffer(request(2), into)}))
+        req = with_buffer(request(2, seed=5), into)
         assert torch.equal(answer(transport, req), req.x)
+        assert not into or torch.equal(req.reply_into, req.x)
 
 
-def test_a_long_error_message_arrives_cut_to_a_bound():
+@pytest.mark.parametrize("into", [False, True], ids=["no-buffer", "into-a-buffer"])
+def test_a_long_error_message_arrives_cut_to_a_bound(into):
     def wordy(layer, x, ids, w):
         raise ValueError("é" * 20000)
 
     with channel_to(wordy) as transport:
-        with pytest.raises(ShardUnavailableError, match="expert shard 0 failed: ValueError: é") as failure:
-            transport.collect(transport.submit(0, {0: request(2)}))
+        with pytest.raises(ShardUnavailableError, match="expert shard 0 failed: ValueError: é+$") as failure:
+            transport.collect(transport.submit(0, {0: with_buffer(request(2), into)}))
         assert len(str(failure.value)) < 4200
+
+
+def answer_longer(conn) -> None:
+    """Reads one request and answers it with one row more than asked, then more bytes."""
+    header = HEADER.unpack(conn.recv(HEADER.size, socket.MSG_WAITALL))
+    _, _, dtype_code, k, rows, dim, layer, req_id, *_ = header
+    conn.recv(rows * dim * 4 + rows * k * 8 + rows * k * 4, socket.MSG_WAITALL)  # float32 frames
+    reply = HEADER.pack(MAGIC, REPLY, dtype_code, 0, rows + 1, dim, layer, req_id, 0.0, 0.0, 0.0)
+    conn.sendall(reply + torch.arange(float((rows + 1) * dim)).numpy().tobytes() + b"more")
+    time.sleep(5)  # stays connected: only what it said can fail the layer
+    conn.close()
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["no-buffer", "into-a-buffer"])
+def test_an_answer_longer_than_asked_fails_the_layer(into):
+    with transport_to_fake_shard(answer_longer) as transport:
+        started = time.monotonic()
+        with pytest.raises(ShardUnavailableError, match="answered 3 rows for 2"):
+            transport.collect(transport.submit(0, {0: with_buffer(request(2), into)}))
+        assert time.monotonic() - started < 5
 
 
 @contextmanager
