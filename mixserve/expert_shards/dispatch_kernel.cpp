@@ -77,7 +77,7 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     // Every slot's shard, read once: the passes below trust these values, never the caller's memory.
     std::vector<int64_t> slot_shard(T * K);
     if (given.defined()) {
-      std::memcpy(slot_shard.data(), given.data_ptr<int64_t>(), slot_shard.size() * sizeof(int64_t));
+      if (!slot_shard.empty()) std::memcpy(slot_shard.data(), given.data_ptr<int64_t>(), slot_shard.size() * sizeof(int64_t));
       shard_of = given;
     } else {
       const int64_t* holder = first_holder.data_ptr<int64_t>();
