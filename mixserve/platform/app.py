@@ -33,7 +33,12 @@ def build_app(config: DeploymentConfig) -> Application:
             raise ConfigError(f"experts.shards is {config.experts.shards} but {config.model.source} is a dense model")
         if config.experts.shards > args.num_experts:
             raise ConfigError(f"experts.shards ({config.experts.shards}) exceeds the model's {args.num_experts} experts")
-        router = serve.deployment(ExpertRouter, name="ExpertRouter", ray_actor_options={"num_cpus": 0}).bind(
+        router = serve.deployment(
+            ExpertRouter, name="ExpertRouter", ray_actor_options={"num_cpus": 0},
+            # Its calls are internal (each replica's heartbeat and load report every second,
+            # placement reads): no access log line each. Errors are still logged.
+            logging_config={"enable_access_log": False},
+        ).bind(
             checkpoint,
             args.num_experts,
             config.experts.shards,

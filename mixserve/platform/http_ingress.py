@@ -42,6 +42,9 @@ def error_response(err: ApiError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body"}
+    if first.get("type") == "json_invalid":  # loc is ("body", the character offset): not a parameter
+        reason = (first.get("ctx") or {}).get("error") or first["msg"]
+        return error_response(ApiError(400, f"the request body is not valid JSON: {reason}", None))
     param = ".".join(str(p) for p in first["loc"] if p != "body") or None
     return error_response(ApiError(400, f"{param or 'body'}: {first['msg']}", param))
 

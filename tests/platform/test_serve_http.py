@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import requests
@@ -86,6 +87,12 @@ def test_completions_through_the_topology_match_the_single_process_engine(serve_
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": max_tokens,
                                  "total_tokens": len(prompt) + max_tokens}
+    if config.experts.shards:  # the router's internal calls (a heartbeat a second per replica) write no access log
+        import ray
+
+        router_logs = list((Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve").glob(
+            f"replica_{APP_NAME}_ExpertRouter_*.log"))
+        assert router_logs and not any("CALL heartbeat" in log.read_text() for log in router_logs)
 
 
 def test_streaming_sends_deltas_then_done(serve_http, mixtral_dir):
@@ -123,6 +130,12 @@ def test_bad_requests_get_openai_error_bodies_and_the_server_keeps_serving(serve
         assert response.status_code == status, (body, response.text)
         error = response.json()["error"]
         assert error["message"] and error["param"] == param, (body, error)
+    for raw, says in (('{"model": "tiny", "prompt": "hi"', "not valid JSON"), ("[1, 2]", "body: ")):
+        response = requests.post(f"{serve_http}/v1/completions", data=raw, headers={"content-type": "application/json"},
+                                 timeout=60)
+        assert response.status_code == 400, (raw, response.text)
+        error = response.json()["error"]
+        assert says in error["message"] and error["param"] is None and error["type"] == "invalid_request_error", (raw, error)
     assert complete(serve_http, prompt=[1, 2, 3], max_tokens=2).status_code == 200
 
 
