@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"  # the tenant name of callers of an open deployment (no tenants configured)
 RETRY_AFTER_S = 1
 COLD_RETRY_AFTER_S = 10  # a model group that did not start in time needs more than a second
+# How often a front door tells the ledger which of its leases still run (well under the ledger's
+# lease_s, 900 s): a generation may run longer than a lease, and must keep its slot and be charged.
+RENEW_LEASES_EVERY_S = 60.0
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
@@ -126,6 +129,8 @@ class FrontDoor:
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
         self.meter = MeterBatch(ledger)
+        self.live_leases: set[str] = set()  # admitted here and not settled yet (renewed every minute)
+        self._renewing: asyncio.Task | None = None
         # Generations of requests received and not handed to the engine yet: an attention replica
         # in this process reads it (EngineFront.arrivals) to wait, when idle, for a burst's rest.
         self.arriving = 0
@@ -162,7 +167,10 @@ class FrontDoor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError(400, "prompt is empty", "prompt")
-            return await asyncio.to_thread(self.tokenizer.encode, prompt)  # off the event loop
+            try:
+                return await asyncio.to_thread(self.tokenizer.encode, prompt)  # off the event loop
+            except InvalidRequestError as exc:
+                raise ApiError(400, exc.message, "prompt") from None
         return list(prompt)
 
     async def chat_prompt(self, caller: Caller, messages: list[dict[str, str]]) -> list[int]:
@@ -175,21 +183,48 @@ class FrontDoor:
             raise ApiError(400, exc.message, exc.param) from None
 
     # ---- quotas ------------------------------------------------------------------------------
-    async def admit(self, caller: Caller, prompt_tokens: int, max_tokens: int) -> str:
-        lease = f"lease-{uuid.uuid4().hex}"
+    async def admit(self, caller: Caller, record: RequestRecord, max_tokens: int) -> str:
+        lease, prompt_tokens = f"lease-{uuid.uuid4().hex}", record.prompt_tokens
         if not caller.limited:  # nothing to refuse: metered in a batch, no call on the request's path
             self.meter.add("admit", (caller.name, prompt_tokens, max_tokens, lease))
+            self._hold(lease)
             return lease
-        admission = await self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens, lease)
+        try:
+            admission = await self.ledger.admit.remote(caller.name, prompt_tokens, max_tokens, lease)
+        except asyncio.CancelledError:
+            # The client left while the ledger decided: it may have admitted the lease already,
+            # and nothing else would end it (a settle that overtakes its admission still counts).
+            record.status = "client_closed"
+            self.settle(lease, record)
+            raise
         if not admission.admitted:
             raise ApiError(429, admission.message, code="rate_limit_exceeded", retry_after_s=max(1, round(admission.retry_after_s)))
+        self._hold(admission.lease)
         return admission.lease
+
+    def _hold(self, lease: str) -> None:
+        """Keeps an admitted lease renewed until it is settled."""
+        self.live_leases.add(lease)
+        if self._renewing is None or self._renewing.done():
+            self._renewing = spawn_detached(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        while self.live_leases:
+            await asyncio.sleep(RENEW_LEASES_EVERY_S)
+            if not self.live_leases:
+                break
+            await self.meter.flush()  # the batched admissions first: a lease must be held before it is renewed
+            try:
+                await self.ledger.renew.remote(list(self.live_leases))
+            except Exception:  # noqa: BLE001 - tried again in a minute; a lease outlives a few misses
+                log.warning("could not renew leases with the tenant ledger", exc_info=True)
 
     def settle(self, lease: str, record: RequestRecord) -> None:
         """Sends the settlement without holding up the response or a cancelled stream. It runs
         in a task with a fresh context: Serve cancels the calls a request makes when its client
         leaves, and a settlement sent while a disconnected request unwinds must still arrive,
         or the tenant's concurrency and token reservations stay held."""
+        self.live_leases.discard(lease)
         ttft = record.first_token_at - record.arrived if record.first_token_at is not None else None
         args = (lease, record.prompt_tokens, record.completion_total, self.model_name, record.endpoint,
                 record.status, ttft, record.gaps[-1000:], record.engine_ttft_s)
@@ -209,11 +244,15 @@ class FrontDoor:
                     stream: bool, endpoint: str, arrival: Arrival | None = None) -> Run:
         """Admits the request and opens its n choices; refusals raise ApiError before any output."""
         record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids), limited=caller.limited)
-        lease = await self.admit(caller, len(prompt_ids), params.max_tokens * n)
+        lease = await self.admit(caller, record, params.max_tokens * n)
         try:
             choices = await self.open_choices(caller, prompt_ids, params, n, chat, stream, arrival)
         except ApiError as err:
             record.status = str(err.status)
+            self.settle(lease, record)
+            raise
+        except BaseException:  # the client left before the first output: its lease must end now, not at expiry
+            record.status = "client_closed"
             self.settle(lease, record)
             raise
         return Run(self, lease, record, choices)
@@ -227,7 +266,8 @@ class FrontDoor:
             arrival.expect(n)
         try:
             for i in range(n):
-                choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                # (seeds live in [0, 2**63): choice i of a seed near the top wraps around)
+                choice_params = params if params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                 request = GenerateRequest(prompt_ids, choice_params, chat, tenant=caller.name, weight=caller.weight, stream=stream)
                 streams.append(self.open_generation(request))
             # Every choice's first output is awaited at once. Why: a generation in this process

@@ -70,6 +70,7 @@ class GrpcMethods:
     """The mixserve.v1.Mixserve service, as methods of the ingress deployment."""
 
     door: FrontDoor
+    max_body_bytes: int  # the HTTP body limit, for messages too (Serve's gRPC proxy takes up to 2 GiB)
 
     def _grpc_caller(self, context) -> Caller:
         metadata = dict(context.invocation_metadata()) if context is not None else {}
@@ -99,6 +100,9 @@ class GrpcMethods:
 
     # ---- shared ------------------------------------------------------------------------------
     async def _start(self, request, context, chat: bool, stream: bool) -> Run:
+        size = request.ByteSize()
+        if size > self.max_body_bytes:  # refused before its text costs any tokenizing
+            raise ApiError(413, f"the request message is {size} bytes, larger than {self.max_body_bytes}")
         with self.door.arrival() as arrival:
             caller = self._grpc_caller(context)
             self.door.check_model(caller, request.model)

@@ -58,16 +58,24 @@ app.add_middleware(BodyLimit)
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends. Starlette abandons the generator
-    when a client disconnects while a chunk is being sent; its cleanup (abort the choices,
-    settle the lease) would then wait for garbage collection, and a tenant's concurrency slot
-    with it."""
+    """Closes its body generator, and the run it streams, however the response ends. Starlette
+    abandons the generator when a client disconnects while a chunk is being sent; its cleanup
+    (abort the choices, settle the lease) would then wait for garbage collection, and a tenant's
+    concurrency slot with it. And a generator cancelled before its first step runs none of its
+    code, cleanup included: the run is closed here too (a no-op when the generator closed it)."""
+
+    def __init__(self, content, run: Run, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.run = run
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.run.close("client_closed")  # (the status only applies where nothing ended the run)
 
 
 def sse(data: dict | str) -> str:
@@ -95,7 +103,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
                               first_output_timeout_s)
         if self.replica is not None:  # the engine hears how many requests are on their way to it
             self.replica.engine.arrivals = lambda: self.door.arriving
-        BodyLimit.max_bytes = max_body_bytes
+        BodyLimit.max_bytes = self.max_body_bytes = max_body_bytes
         # Serve runs this class on its own event-loop thread beside its system loop; a short GIL
         # switch interval keeps one busy thread from making every other request wait 5 ms a turn.
         sys.setswitchinterval(0.0005)
@@ -190,7 +198,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
         if body.stream:
-            return ClosingStreamingResponse(self._stream(run, shape, body), media_type="text/event-stream")
+            return ClosingStreamingResponse(self._stream(run, shape, body), run, media_type="text/event-stream")
         return shape.whole(await run.finals(), run.record)
 
     async def _stream(self, run: Run, shape, body):

@@ -7,7 +7,9 @@ Retry-After) and `settle` when the request ends, with what it really used.
 
 Tokens/min reserves prompt + max_tokens at admission (a burst of concurrent requests cannot
 overshoot the limit) and replaces the reservation with the real count at settlement.
-A lease that is never settled (its ingress replica died) expires after `lease_s`.
+A lease that is never settled (its ingress replica died) expires after `lease_s`; front doors
+renew the leases of requests still running. A request the server fails (5xx) is taken out of the
+tenant's requests/min and tokens/min windows: its client retries as told.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def _locked(method):
     return wrapper
 
 
+def _remove_once(times: collections.deque, at: float) -> None:
+    try:
+        times.remove(at)
+    except ValueError:  # already out of the window
+        pass
+
+
 @dataclass
 class Admission:
     admitted: bool
@@ -51,8 +60,9 @@ class Admission:
 @dataclass
 class _Lease:
     tenant: str
-    started: float
+    started: float  # admitted at (its entry in the requests/min window)
     reserved_tokens: int
+    alive_at: float  # admitted or last renewed at: the lease expires lease_s after
 
 
 @dataclass
@@ -70,7 +80,9 @@ class TenantLedger:
         self._tenants = {t.name: t for t in (Tenant.model_validate(t) for t in tenants)}
         self._state: dict[str, _TenantState] = collections.defaultdict(_TenantState)
         self._leases: dict[str, _Lease] = {}
-        self._settled_early: set[str] = set()
+        # Leases settled before their admission arrived -> when: dropped after lease_s (an
+        # admission refused, or cancelled before it was sent, never comes).
+        self._settled_early: dict[str, float] = {}
         self._ids = itertools.count()
         self._lease_s = lease_s
         self._clock = clock
@@ -86,9 +98,8 @@ class TenantLedger:
         Ingresses send tenants without limits here without waiting for the answer."""
         now = self._clock()
         self._expire(now)
-        if lease is not None and lease in self._settled_early:
-            self._settled_early.discard(lease)  # its settle overtook it: nothing left to hold
-            return Admission(True, lease)
+        if lease is not None and self._settled_early.pop(lease, None) is not None:  # its settle overtook it
+            return Admission(True, lease)  # nothing left to hold
         state = self._state[tenant]
         limits = self._tenants.get(tenant)
         denial = self._check(limits, state, now, prompt_tokens + max_tokens) if limits else None
@@ -101,7 +112,7 @@ class TenantLedger:
         state.in_flight += 1
         state.usage["requests"] += 1
         lease = lease or f"lease-{next(self._ids)}"
-        self._leases[lease] = _Lease(tenant, now, prompt_tokens + max_tokens)
+        self._leases[lease] = _Lease(tenant, now, prompt_tokens + max_tokens, alive_at=now)
         self._m_in_flight.labels(tenant).set(state.in_flight)
         return Admission(True, lease)
 
@@ -132,14 +143,19 @@ class TenantLedger:
         """Ends a lease with what the request really used, and records its metrics."""
         held = self._leases.pop(lease, None)
         if held is None:  # expired, settled twice, or overtook its fire-and-forget admission
-            if len(self._settled_early) < 10_000:
-                self._settled_early.add(lease)
+            if len(self._settled_early) < 10_000:  # (a bound against a flood; each entry expires)
+                self._settled_early[lease] = self._clock()
             return
         now = self._clock()
         state = self._state[held.tenant]
         state.in_flight -= 1
         state.reserved -= held.reserved_tokens
-        state.tokens.append((now, prompt_tokens + completion_tokens))
+        if status.startswith("5"):
+            # Failed by the server (overloaded, a replica gone, no replica in time): the client
+            # retries as told, and the retry must not find its own failed tries over its limits.
+            _remove_once(state.requests, held.started)
+        else:
+            state.tokens.append((now, prompt_tokens + completion_tokens))
         state.usage["prompt_tokens"] += prompt_tokens
         state.usage["completion_tokens"] += completion_tokens
         tenant = held.tenant
@@ -153,6 +169,17 @@ class TenantLedger:
             self._m_engine_ttft.labels(tenant).observe(engine_ttft_s)
         for gap in inter_token_s or ():
             self._m_itl.labels(tenant).observe(gap)
+
+    @_locked
+    def renew(self, leases: list[str]) -> None:
+        """Keeps these leases (requests still running) from expiring for another lease_s. Front
+        doors renew their live leases every minute: expiry is for leases whose front door died
+        before it could settle them, never for a long generation still running."""
+        now = self._clock()
+        for lease in leases:
+            held = self._leases.get(lease)
+            if held is not None:
+                held.alive_at = now
 
     def record(self, calls: list[tuple[str, tuple]]) -> None:
         """Admissions and settlements of tenants without limits, batched by a front door
@@ -171,8 +198,12 @@ class TenantLedger:
                 state.requests.popleft()
             while state.tokens and state.tokens[0][0] <= now - WINDOW_S:
                 state.tokens.popleft()
+        for lease, at in list(itertools.islice(self._settled_early.items(), 64)):  # oldest first (insertion order)
+            if at >= now - self._lease_s:
+                break
+            del self._settled_early[lease]
         for lease, held in list(self._leases.items()):
-            if held.started < now - self._lease_s:
+            if held.alive_at < now - self._lease_s:
                 del self._leases[lease]
                 state = self._state[held.tenant]
                 state.in_flight -= 1

@@ -23,6 +23,17 @@ def bundled_tokenizer_path() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
+def require_utf8(text: str, param: str) -> None:
+    """SentencePiece takes UTF-8. JSON can carry a lone surrogate ("\\ud800"), which Python keeps
+    in a str but UTF-8 cannot hold: refuse it here as the caller's error, before it reaches the
+    tokenizer (which fails with a bare RuntimeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}",
+                                  param=param) from None
+
+
 class Tokenizer:
     def __init__(self, model_file: str | Path):
         self.model_file = Path(model_file)
@@ -40,6 +51,7 @@ class Tokenizer:
         return cls(local if local.is_file() else bundled_tokenizer_path())
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
+        require_utf8(text, "prompt")
         ids = self._sp.encode(text)
         return [self.bos_id, *ids] if bos else ids
 
@@ -76,6 +88,10 @@ class Tokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from pydantic import ValidationError
 
+        for message in messages:
+            for value in message.values():
+                if isinstance(value, str):
+                    require_utf8(value, "messages")
         try:
             request = ChatCompletionRequest(messages=messages)
             return self._chat.encode_chat_completion(request).tokens

@@ -118,6 +118,20 @@ def test_each_refusal_has_its_status_and_an_openai_error_body(door):
     assert error_of(requests.post(url, json={**body, "n": 99}, headers=alpha, timeout=30), 400)["param"] == "n"
     huge = {**body, "prompt": "x" * (2 << 20)}
     assert error_of(requests.post(url, json=huge, headers=alpha, timeout=30), 413)
+    as_json = {**alpha, "content-type": "application/json"}
+    # Sent chunked (no Content-Length): refused as 413 all the same, and a small one served.
+    chunked_huge = iter([b'{"model": "tiny", "prompt": "', b"x" * (2 << 20), b'", "max_tokens": 2}'])
+    assert error_of(requests.post(url, data=chunked_huge, headers=as_json, timeout=30), 413)["code"] == "request_too_large"
+    chunked_small = iter([b'{"model": "tiny", "prompt": [1, 2], ', b'"max_tokens": 2}'])
+    assert requests.post(url, data=chunked_small, headers=as_json, timeout=60).status_code == 200
+    # A lone surrogate is valid JSON, not valid Unicode: the tokenizer never sees it.
+    lone = '{"model": "tiny", "prompt": "hi \\ud800", "max_tokens": 2}'
+    assert error_of(requests.post(url, data=lone, headers=as_json, timeout=30), 400)["param"] == "prompt"
+    lone_chat = '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}'
+    assert error_of(requests.post(f"{door}/v1/chat/completions", data=lone_chat, headers=as_json, timeout=30),
+                    400)["param"] == "messages"
+    top_seed = requests.post(url, json={**body, "prompt": [1, 2], "seed": 2**63 - 1, "n": 2}, headers=alpha, timeout=60)
+    assert top_seed.status_code == 200 and len(top_seed.json()["choices"]) == 2, top_seed.text
     chat = {"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}
     assert error_of(requests.post(f"{door}/v1/chat/completions", json=chat, headers=alpha, timeout=30), 400)
     assert error_of(requests.get(f"{door}/v1/usage", headers=alpha, timeout=30), 403)

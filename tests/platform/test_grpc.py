@@ -132,6 +132,11 @@ def test_errors_map_to_grpc_codes_and_the_server_keeps_serving(grpc_door):
     assert code_of(lambda: client.call("Generate", too_long)) == grpc.StatusCode.INVALID_ARGUMENT
     bad_role = client.message("ChatRequest", model="tiny", messages=[client.message("ChatMessage", role="robot", content="x")])
     assert code_of(lambda: client.call("Chat", bad_role)) == grpc.StatusCode.INVALID_ARGUMENT
+    huge = client.message("GenerateRequest", model="tiny", text="x" * (2 << 20))  # over http.max_body_bytes (1 MiB)
+    for method in ("Generate", "GenerateStream"):
+        with pytest.raises(grpc.RpcError) as refused:
+            list(client.call(method, huge)) if method.endswith("Stream") else client.call(method, huge)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "larger than" in refused.value.details()
     assert client.call("Generate", ok, key="once").choices[0].finish_reason
     assert code_of(lambda: client.call("Generate", ok, key="once")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.call("Generate", ok).choices[0].finish_reason  # still serving

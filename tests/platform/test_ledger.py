@@ -81,3 +81,41 @@ def test_a_settle_that_overtakes_its_admission_leaves_nothing_held():
     assert led.admit("t", 1, 1, lease="lease-x").admitted
     assert led.admit("t", 1, 1).admitted  # the concurrency slot is free
     assert led.usage()["t"]["in_flight"] == 1
+
+
+def test_renewed_leases_outlive_lease_s_and_stop_expiring_only_when_settled():
+    led, clock = ledger(max_concurrent=1)
+    long = led.admit("t", 1, 1)
+    for _ in range(4):  # a generation running 4 x 200 s, its front door renewing it
+        clock.now += 200
+        led.renew([long.lease, "lease-unknown"])
+        assert not led.admit("t", 1, 1).admitted  # still in flight: the concurrency limit holds
+    assert led.usage()["t"]["in_flight"] == 1
+    led.settle(long.lease, 1, 7, "m", "completions", "ok")  # charged in full, long after lease_s
+    assert led.usage()["t"] == {"requests": 1, "rejected": 4, "prompt_tokens": 1, "completion_tokens": 7, "in_flight": 0}
+    clock.now += 200
+    led.renew([long.lease])  # a renewal racing its settlement holds nothing again
+    assert led.admit("t", 1, 1).admitted
+
+
+def test_early_settlements_are_forgotten_after_lease_s():
+    led, clock = ledger(max_concurrent=1)
+    led.settle("lease-x", 1, 1, "m", "completions", "client_closed")  # an admission refused or never sent
+    clock.now += 301
+    # Forgotten: an admission of that name arriving now (none would) is held like any other.
+    assert led.admit("t", 1, 1, lease="lease-x").admitted
+    assert led.usage()["t"]["in_flight"] == 1 and not led.admit("t", 1, 1).admitted
+
+
+def test_requests_the_server_failed_do_not_count_against_the_rate_limits():
+    led, clock = ledger(requests_per_min=1, tokens_per_min=100)
+    failed = led.admit("t", 10, 40)
+    assert not led.admit("t", 1, 1).admitted  # one request a minute
+    clock.now += 5
+    led.renew([failed.lease])  # (renewed before it failed: still found in the window)
+    led.settle(failed.lease, 10, 0, "m", "completions", "503")  # overloaded: the client retries after 1 s
+    retry = led.admit("t", 10, 80)  # neither its request nor its tokens count: 90 <= 100
+    assert retry.admitted
+    led.settle(retry.lease, 10, 80, "m", "completions", "ok")
+    assert not led.admit("t", 1, 1).admitted  # a request that was served counts
+    assert led.usage()["t"]["requests"] == 2

@@ -22,6 +22,12 @@ def autoscaling(**overrides) -> dict:
             "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2, "look_back_period_s": 1, **overrides}
 
 
+def serve_status():
+    from ray import serve
+
+    return serve.status()
+
+
 def running_replicas() -> int:
     from ray import serve
 
@@ -76,6 +82,30 @@ def test_a_request_at_zero_past_the_start_bound_gets_503_with_retry_after(serve_
     assert error["type"] == "service_unavailable" and "did not start serving within 0.5s" in error["message"]
     # the held request woke the group: retrying as told succeeds once it is up
     assert wait_until(lambda: complete(serve_http, prompt=[1, 2, 3], max_tokens=4).status_code == 200, 120)
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_during_a_cold_start_frees_its_concurrency_slot(serve_http, mixtral_dir):  # noqa: F811
+    import requests
+
+    from mixserve.platform.tenants import hash_key, new_key
+
+    key = new_key()
+    deploy(serve_http, mixtral_dir, attention={"engine": ENGINE, "autoscaling": autoscaling(initial_replicas=0)},
+           tenants=[{"name": "patient", "key_sha256": [hash_key(key)], "max_concurrent": 1}])
+    url, auth = f"{serve_http}/v1/completions", {"Authorization": f"Bearer {key}"}
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4}
+    # An earlier test's replica scales down, and none is starting (one that is could serve this at once).
+    assert wait_until(lambda: not any(serve_status().applications[APP_NAME].deployments["AttentionReplica"]
+                                      .replica_states.values()), 90), serve_status()
+    try:  # admitted, then gives up while a replica starts
+        early = requests.post(url, json=body, headers=auth, timeout=(5, 0.3))
+    except requests.exceptions.ReadTimeout:
+        early = None
+    assert early is None, (early.status_code, early.text, serve_status())
+    assert wait_until(lambda: running_replicas() >= 1, 120)
+    # The lease ended when the client left, not at its expiry 15 minutes on: the tenant may send again.
+    assert wait_until(lambda: requests.post(url, json=body, headers=auth, timeout=60).status_code == 200, 10)
 
 
 @pytest.mark.slow
