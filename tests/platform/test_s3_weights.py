@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 
 import boto3
 import pytest
@@ -176,3 +177,38 @@ def test_access_denied_missing_bucket_and_missing_prefix_are_clear(moto_s3, uplo
         S3Checkpoint("s3://no-such-bucket-anywhere/x", cache_dir=None).folder()
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         S3Checkpoint(f"s3://{BUCKET}/nothing-here", cache_dir=None).folder()
+
+
+def test_a_fetch_holds_only_the_tensor_it_is_filling(uploaded, mixtral_dir):
+    """Buffers are made as each tensor's bytes come, and let go once it is handed over: a loader
+    of a 90 GB checkpoint must not commit 90 GB of buffers before its first GET returns."""
+    sizes = {name: len(b) for name, b in local_tensor_bytes(mixtral_dir).items()}
+    source = S3Checkpoint(uploaded, cache_dir=None, max_workers=1, part_bytes=1 << 20)
+    source.tensor_shapes()  # (headers and listing first: not what is measured)
+    tracemalloc.start()
+    try:
+        for _, tensor in source.read_tensors(list(sizes)):
+            del tensor  # the caller keeps nothing (a loader copies each tensor into its model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = max(sizes.values()) + (4 << 20)  # the largest tensor, plus the GETs in flight
+    assert sum(sizes.values()) > 1.5 * bound  # (so that holding every buffer would fail)
+    assert peak < bound, (peak, bound)
+
+
+def test_actors_on_one_node_share_the_small_files_cache_safely(uploaded, mixtral_dir, tmp_path):
+    """Several processes of a node (here threads) fetch config.json and the tokenizer into the
+    same folder at once: each sees whole files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(_) -> bytes:
+        return (S3Checkpoint(uploaded, cache_dir=str(tmp_path)).folder() / "config.json").read_bytes()
+
+    expected = (mixtral_dir / "config.json").read_bytes()
+    for _ in range(3):
+        for stale in tmp_path.rglob("*"):  # every round fetches afresh
+            if stale.is_file():
+                stale.unlink()
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(fetch, range(8))) == [expected] * 8

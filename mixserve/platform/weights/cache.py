@@ -62,8 +62,8 @@ class TensorCache:
         path = self._entry(bucket, key, etag, size, tensor)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, data)
-            _write_atomic(path.with_name(path.name + ".sha256"), digest.encode())
+            write_atomic(path, data)
+            write_atomic(path.with_name(path.name + ".sha256"), digest.encode())
         except OSError as exc:
             log.warning("could not cache tensor %s: %s", tensor, exc)
 
@@ -72,7 +72,7 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def _write_atomic(path: Path, data: bytes | bytearray) -> None:
+def write_atomic(path: Path, data: bytes | bytearray) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -32,7 +32,7 @@ import torch
 
 from mixserve.errors import CheckpointError
 from mixserve.model.weights_source import HF_INDEX, no_safetensors_error
-from mixserve.platform.weights.cache import TensorCache, sha256_hex
+from mixserve.platform.weights.cache import TensorCache, sha256_hex, write_atomic
 from mixserve.platform.weights.header import LENGTH_BYTES, TensorEntry, header_length, parse_header, tensor_from_bytes
 from mixserve.platform.weights.manifest import MANIFEST_NAME, Manifest
 from mixserve.platform.weights.s3_client import S3Location, endpoint_from_env, s3_client, s3_error
@@ -168,10 +168,10 @@ class S3Checkpoint:
                 continue
             data = self._get(obj, None)
             self._report.small_file_bytes += len(data)
-            tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(folder / name)
-            stamp.write_text(want)
+            # Actors on one node share this folder: each writes its own temporary file, and the
+            # file and its stamp each appear whole (a rename), never half-written.
+            write_atomic(folder / name, data)
+            write_atomic(stamp, want.encode())
         if MANIFEST_NAME in objects:
             self._manifest = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), self.location.uri(MANIFEST_NAME))
         self._folder = folder
@@ -256,6 +256,7 @@ class S3Checkpoint:
                 cache.put(self.location.bucket, obj.key, obj.etag, obj.size, tensor.entry.name, data, digest)
             self._report.tensors += 1
             yield tensor.entry.name, tensor_from_bytes(tensor.entry, data)
+            data = None  # (held here, it would live on through the next tensor's fetch)
         self._report.seconds += time.monotonic() - started
 
     def _from_cache(self, cache: TensorCache, tensor: _Tensor) -> bytearray | None:
@@ -294,8 +295,8 @@ class S3Checkpoint:
         if not tensors:
             return
         by_name = {t.entry.name: t for t in tensors}
-        for t in tensors:
-            t.buffer, t.received = bytearray(t.entry.nbytes), 0
+        for t in tensors:  # (each buffer is made when its tensor's first bytes come: bytearray(n) commits n bytes)
+            t.buffer, t.received = None, 0
         jobs = iter(self._plan(tensors))
         done_bytes, last_log, started = 0, time.monotonic(), time.monotonic()
         with futures.ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="s3-fetch") as pool:
@@ -318,12 +319,15 @@ class S3Checkpoint:
                         done_bytes += len(data)
                         for name, tensor_offset, job_offset in job.pieces:
                             t = by_name[name]
+                            if t.buffer is None:
+                                t.buffer = bytearray(t.entry.nbytes)
                             n = min(t.entry.nbytes - tensor_offset, len(data) - job_offset)
                             t.buffer[tensor_offset:tensor_offset + n] = data[job_offset:job_offset + n]
                             t.received += n
                             if t.received == t.entry.nbytes:
                                 buffer, t.buffer = t.buffer, None
                                 yield t, buffer
+                                buffer = None  # the caller's now: this frame must not keep it alive
                     submit_more()
                     now = time.monotonic()
                     if now - last_log >= PROGRESS_EVERY_S:
