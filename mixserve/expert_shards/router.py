@@ -21,6 +21,9 @@ from mixserve.model.weights_source import WeightsSource
 LOAD_WINDOW_S = 60.0
 REPLICA_SILENT_S = 5.0  # an attention replica not heard from for this long counts as gone
 HEAL_EVERY_S = 2.0
+# A shard loading its experts (a restart, or a copy of a hot expert): past this it counts as
+# failed, and the router's lock, which replicas attaching wait on, is released.
+SHARD_LOAD_TIMEOUT_S = 300.0
 AUTO_REBALANCE_ABOVE = 1.1  # max/mean tokens per shard below which a copy is not worth its memory
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,8 @@ class ExpertRouter:
             # (loading weights, a long step on a saturated node) may skip a beat or two.
             if time.monotonic() - self._last_heard < self._release_idle_s + REPLICA_SILENT_S:
                 return
-            group, self._group, self._addresses = self._group, None, {}
-            group.shutdown()  # kills the actors and removes the placement group: resources go back
+            self._group.shutdown()  # kills the actors and removes the placement group: resources go back
+            self._group, self._addresses = None, {}  # (only once that worked: a failure is retried)
             log.warning("no attention replica for %.0fs: expert shards released", self._release_idle_s + REPLICA_SILENT_S)
 
     def attach(self, replica: str) -> Placement:
@@ -172,7 +175,8 @@ class ExpertRouter:
             for shard in holders
             if shard not in self._placement.holders[expert]
         ]
-        ray.get([self._group.actors[shard].add_expert.remote(expert) for expert, shard in added])
+        # (on a timeout the placement stays as it was: copies that did load sit unused until the next try)
+        ray.get([self._group.actors[shard].add_expert.remote(expert) for expert, shard in added], timeout=SHARD_LOAD_TIMEOUT_S)
         self._placement = new
         return new.version
 
@@ -223,7 +227,10 @@ class ExpertRouter:
         last_rebalance = time.monotonic()
         while True:
             time.sleep(HEAL_EVERY_S)
-            self._release_if_idle()
+            try:
+                self._release_if_idle()
+            except Exception:  # noqa: BLE001 - this thread must live on: the next round retries
+                log.exception("could not release the idle expert shards")
             if self._group is None:
                 continue
             try:
@@ -269,16 +276,26 @@ class ExpertRouter:
         dead = [sid for sid, alive in self._alive().items() if not alive]
         if not dead:
             return []
-        for sid in dead:
+        for sid in dead:  # all restarts first: they load their experts side by side
             ray.kill(self._group.actors[sid], no_restart=True)  # a sick one still holds its bundle
-            actor = self._group.start_actor(sid, self._placement.experts_of(sid))
-            info = ray.get(actor.info.remote(), timeout=300)
-            self._group.actors[sid] = actor
+            # (kept in the group even if it fails to start: the next round finds it dead and kills it)
+            self._group.actors[sid] = self._group.start_actor(sid, self._placement.experts_of(sid))
+        restored, failed = [], []
+        for sid in dead:
+            try:
+                info = ray.get(self._group.actors[sid].info.remote(), timeout=SHARD_LOAD_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - reported below, after the others are published
+                failed.append((sid, exc))
+                continue
             self._group.infos[sid] = info
             self._addresses[sid] = info.address
-        self._placement = replace(self._placement, version=self._placement.version + 1)
-        log.warning("restored expert shards %s (placement version %d)", dead, self._placement.version)
-        return dead
+            restored.append(sid)
+        if restored:  # a new version makes replicas take the new addresses
+            self._placement = replace(self._placement, version=self._placement.version + 1)
+            log.warning("restored expert shards %s (placement version %d)", restored, self._placement.version)
+        if failed:
+            raise RuntimeError(f"expert shards {[sid for sid, _ in failed]} did not restart: {failed[0][1]!r}")
+        return restored
 
     def _alive(self) -> dict[int, bool]:
         import ray

@@ -101,10 +101,14 @@ class LocalExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.packed: list[tuple[PackedWeight, PackedWeight]] | None = None
         self.fused = False  # the whole layer in one library kernel (mixserve.model.moe_kernels)
+        # The fused kernel's (w13, w2), read once per call: a shard adding an expert swaps in a new
+        # pair while its channel thread may be inside the kernel, which keeps the old pair alive
+        # (and never sees a new w13 beside an old w2) through this one reference.
+        self.fused_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return fused_moe(x, self.w13, self.w2, expert_ids, weights)
+            return fused_moe(x, *self.fused_weights, expert_ids, weights)
         if x.shape[0] == 1 and self.packed is not None:
             # One token (batch-1 decode): no grouping needed, and every saved op shows at this size.
             out = None
@@ -124,6 +128,7 @@ class LocalExperts(nn.Module):
         for a token with none). The caller adds the shards' parts."""
         if not self.fused:
             return self.forward(x, expert_ids, weights)  # the grouped path skips -1 slots itself
+        w13, w2 = self.fused_weights  # [E, 2I, D], [E, D, I]
         held = expert_ids >= 0
         weights = weights.masked_fill(~held, 0)
         n_active = int(torch.bincount(expert_ids.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].count_nonzero())
@@ -133,20 +138,21 @@ class LocalExperts(nn.Module):
             # zentorch's fused kernel refuses a single active expert (it happens on a shard
             # when each token has one slot here): one plain SwiGLU, each row weighted by its slot.
             expert = int(expert_ids.max())
-            return swiglu_expert(x, self.w13[expert], self.w2[expert]) * weights.sum(dim=1, keepdim=True)
+            return swiglu_expert(x, w13[expert], w2[expert]) * weights.sum(dim=1, keepdim=True)
         # The fused kernel takes exactly K ids per row: a slot held elsewhere repeats an expert
         # active here with weight 0, which adds exactly nothing and costs one extra GEMM row on
         # weights that stream from memory anyway.
         row_max = expert_ids.max(dim=1, keepdim=True).values  # [T, 1]: a slot of the row held here, else -1
         fill = torch.where(row_max >= 0, row_max, expert_ids.max())
-        return fused_moe(x, self.w13, self.w2, torch.where(held, expert_ids, fill), weights)
+        return fused_moe(x, w13, w2, torch.where(held, expert_ids, fill), weights)
 
     def add_experts(self, other: LocalExperts) -> None:
         """Appends other's experts (prepared the same way) after this layer's own."""
         if self.fused:
-            # New tensors, then swapped in: a concurrent forward sees the old or the new pair,
-            # and no id reaches the new rows before the caller publishes them.
+            # New tensors, then swapped in as one pair: a concurrent forward uses the old or the
+            # new pair, and no id reaches the new rows before the caller publishes them.
             w13, w2 = torch.cat([self.w13.data, other.w13.data]), torch.cat([self.w2.data, other.w2.data])
+            self.fused_weights = (w13, w2)
             self.w13.data, self.w2.data = w13, w2
         else:
             self.packed = [*self.packed, *other.packed]
@@ -170,8 +176,9 @@ class LocalExperts(nn.Module):
         """Prepares the weights once, after loading: kept stacked for a fused kernel, else each
         expert's w13 and w2 prepacked for oneDNN (and the stacked copies dropped)."""
         if moe_kernel == "zentorch":
-            self.fused = True
             self.w13.data, self.w2.data = self.w13.data.contiguous(), self.w2.data.contiguous()
+            self.fused_weights = (self.w13.data, self.w2.data)
+            self.fused = True
             return
         self.packed = [(PackedWeight(self.w13[e]), PackedWeight(self.w2[e])) for e in range(self.num_experts)]
         del self.w13, self.w2
