@@ -168,12 +168,40 @@ def load_weights(
     """
     source = as_weights_source(checkpoint)
     shapes = source.tensor_shapes()
-    layout = detect_layout(shapes)
-    all_targets = checkpoint_targets(args, layout)
+    all_targets = checkpoint_targets(args, detect_layout(shapes))
     targets = select_experts(all_targets, experts) if experts is not None else all_targets
     params = dict(model.named_parameters())
     wanted = {name: tgt for name, tgt in targets.items() if tgt.param in params}
+    # Nothing is read from a checkpoint that is already known not to fit (it may be remote and large).
+    readable = _check(source, shapes, all_targets, wanted, args)
 
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in source.read_tensors(readable):
+            tgt = wanted[name]
+            if tgt.transform is not None:
+                tensor = tgt.transform(tensor)
+            param = params[tgt.param]
+            (param[tgt.index] if tgt.index else param).copy_(tensor)
+            loaded.add(name)
+    if args.tie_word_embeddings and "output.weight" in params:
+        params["output.weight"].data = params["tok_embeddings.weight"].data
+    return loaded
+
+
+def check_checkpoint(checkpoint: str | Path | WeightsSource, args: ModelArgs) -> None:
+    """Every tensor's name and shape against `args`, from the files' headers alone (nothing else
+    is read): what a deployment checks before it starts any actor. Every problem at once."""
+    source = as_weights_source(checkpoint)
+    shapes = source.tensor_shapes()
+    targets = checkpoint_targets(args, detect_layout(shapes))
+    _check(source, shapes, targets, targets, args)
+
+
+def _check(source: WeightsSource, shapes: dict[str, tuple[int, ...]], all_targets: dict[str, TensorTarget],
+           wanted: dict[str, TensorTarget], args: ModelArgs) -> list[str]:
+    """The names in `wanted` to read; CheckpointError listing every missing, unexpected or
+    mis-shaped tensor."""
     problems: list[str] = []
     # A tied checkpoint may still carry its (identical) LM head; it is not needed.
     ignorable = {"lm_head.weight", "output.weight"} if args.tie_word_embeddings else set()
@@ -191,22 +219,9 @@ def load_weights(
             problems.append(f"{name}: shape {list(shapes[name])}, expected {list(tgt.shape)}")
         else:
             readable.append(name)
-    # Nothing is read from a checkpoint that is already known not to fit (it may be remote and large).
     if problems:
         raise CheckpointError(f"checkpoint {source.describe()} does not match {args.architecture}: " + "; ".join(problems))
-
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for name, tensor in source.read_tensors(readable):
-            tgt = wanted[name]
-            if tgt.transform is not None:
-                tensor = tgt.transform(tensor)
-            param = params[tgt.param]
-            (param[tgt.index] if tgt.index else param).copy_(tensor)
-            loaded.add(name)
-    if args.tie_word_embeddings and "output.weight" in params:
-        params["output.weight"].data = params["tok_embeddings.weight"].data
-    return loaded
+    return readable
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

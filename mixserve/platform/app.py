@@ -11,6 +11,7 @@ from ray.serve import Application
 
 from mixserve.expert_shards.router import ExpertRouter
 from mixserve.model.args import ModelArgs
+from mixserve.model.checkpoint import check_checkpoint
 from mixserve.platform.config import ConfigError, DeploymentConfig
 from mixserve.platform.experts_wiring import connect_remote_experts
 from mixserve.platform.http_ingress import HttpIngress
@@ -27,8 +28,11 @@ def build_app(config: DeploymentConfig) -> Application:
     checkpoint = open_weights(config.model.source, config.model.cache_dir, config.model.download_workers)
     engine = config.attention.engine
     router = connector = None
+    # The whole checkpoint against its config, from the headers: a bad one is refused here, with
+    # every problem listed, rather than by each actor as it starts.
+    args = ModelArgs.from_folder(checkpoint.folder())
+    check_checkpoint(checkpoint, args)
     if config.experts.shards:
-        args = ModelArgs.from_folder(checkpoint.folder())
         if not args.is_moe:
             raise ConfigError(f"experts.shards is {config.experts.shards} but {config.model.source} is a dense model")
         if config.experts.shards > args.num_experts:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,10 @@ def _cmd_init_checkpoint(ns: argparse.Namespace) -> int:
         raise _Usage(f"unknown preset {ns.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     if ns.preset in CONFIG_ONLY:
         raise _Usage(f"{ns.preset} is a config-only preset (its weights are tens of GB); use it for planning")
-    target = Path(ns.dir)
+    target = Path(ns.dir).resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:  # `init-checkpoint .` would replace the folder it runs in
+        raise _Usage(f"{ns.dir} is the current folder or one above it; name a folder for the checkpoint")
     if target.exists() and not target.is_dir():
         raise _Usage(f"{target} exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not ns.force:
@@ -85,7 +89,11 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     apply_serve_env()  # a local cluster started here inherits it; a running one has it from `ray start`
     ray.init(address=ns.address, include_dashboard=False, logging_level="WARNING")
     serve.start(**config.serve_start_options())
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except RuntimeError as exc:  # Serve's "Deploying application ... failed", with a replica's traceback
+        print(f"mixserve: error: the deployment failed: {_cause(exc)} (the whole story is in Ray's logs)", file=sys.stderr)
+        return 1
     grpc_note = f", gRPC on port {config.grpc.port}" if config.grpc.port else ""
     scaling = config.attention.autoscaling
     replicas = (f"{scaling.min_replicas} to {scaling.max_replicas} autoscaled" if scaling else str(config.attention.replicas))
@@ -146,14 +154,25 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     report: dict = {"status": str(app.status), "deployments": {}}
     for name, dep in app.deployments.items():
         report["deployments"][name] = {"status": str(dep.status), "replicas": dict(dep.replica_states)}
-    replica = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME)
-    report["attention"] = replica.stats.remote().result(timeout_s=30)
+    running = app.deployments["AttentionReplica"].replica_states.get("RUNNING", 0) if "AttentionReplica" in app.deployments else 0
+    if running:
+        replica = serve.get_deployment_handle("AttentionReplica", app_name=APP_NAME)
+        report["attention"] = replica.stats.remote().result(timeout_s=30)
+    else:  # scaled to zero: a request through a handle would start a replica just to answer this
+        report["attention"] = {"running_replicas": 0}
     # Replicas serving HTTP themselves (on the deployment's http.host), besides the proxy.
     report["replica_http_ports"] = [vars(p) for p in replica_http_ports(APP_NAME)]
     if "ExpertRouter" in app.deployments:
         report["experts"] = _experts_report(serve.get_deployment_handle("ExpertRouter", app_name=APP_NAME))
     print(json.dumps(report, indent=2, default=str))
     return 0
+
+
+def _cause(exc: Exception) -> str:
+    """The innermost error named in a message that may hold a whole traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return errors[-1] if errors else (lines[0] if lines else type(exc).__name__)
 
 
 def _cmd_rebalance(ns: argparse.Namespace) -> int:

@@ -258,7 +258,12 @@ class DeploymentConfig(_Strict):
                 extra = load_tenants(self.tenants_file)
             except TenantsError as exc:
                 raise ConfigError(str(exc)) from None
-        return [*self.tenants, *extra]
+        tenants = [*self.tenants, *extra]
+        names = [t.name for t in tenants]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"tenants {twice} are defined twice (in tenants and tenants_file together)")
+        return tenants
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DeploymentConfig:

@@ -15,6 +15,8 @@ for path in sys.argv[1:]:
         "name": task.name,
         "accelerators": sorted(f"{name}:{count}" for r in task.resources for name, count in (r.accelerators or {}).items()),
         "has_setup": bool(task.setup),
+        "setup": task.setup or "",
+        "file_mounts": {str(k): str(v) for k, v in (task.file_mounts or {}).items()},
         "has_run": bool(task.run),
         "service": None if service is None else {
             "readiness_path": service.readiness_path,

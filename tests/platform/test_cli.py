@@ -12,9 +12,9 @@ from mixserve.model.args import ModelArgs
 from mixserve.model.presets import PRESETS
 
 
-def mixserve(*args: str) -> subprocess.CompletedProcess:
+def mixserve(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mixserve.platform.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mixserve.platform.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
     )
 
 
@@ -59,6 +59,39 @@ def test_init_checkpoint_refuses_to_overwrite_without_force(tmp_path):
     result = mixserve("init-checkpoint", str(tmp_path), "--preset", "tiny-mistral")
     assert result.returncode == 2 and "--force" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_init_checkpoint_never_replaces_the_folder_it_runs_in(tmp_path):
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "keep.txt").write_text("precious")
+    for target in (".", "..", str(tmp_path)):
+        result = mixserve("init-checkpoint", target, "--preset", "tiny-mistral", "--force", cwd=here)
+        assert result.returncode == 2 and "current folder" in result.stderr, result.stderr
+    assert (here / "keep.txt").read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_serve_refuses_a_checkpoint_that_does_not_fit_before_starting_anything(tmp_path, mixtral_dir):
+    import shutil
+
+    wrong = tmp_path / "wrong-shapes"
+    shutil.copytree(mixtral_dir, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    shutil.copy(mixtral_dir / "config.json", empty / "config.json")
+    for folder, needle in ((wrong, "expected"), (empty, "safetensors")):
+        path = tmp_path / f"{folder.name}.yaml"
+        path.write_text(f"model: {{name: x, source: {folder}}}\nexperts: {{shards: 0}}\n")
+        result = mixserve("serve", str(path))
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    twice = tmp_path / "tenants-twice.yaml"
+    (tmp_path / "tenants.yaml").write_text("tenants:\n  - {name: acme, key_sha256: [" + "a" * 64 + "]}\n")
+    twice.write_text(f"model: {{name: x, source: {mixtral_dir}}}\ntenants_file: {tmp_path / 'tenants.yaml'}\n"
+                     "tenants:\n  - {name: acme, key_sha256: [" + "b" * 64 + "]}\n")
+    result = mixserve("serve", str(twice))
+    assert result.returncode == 2 and "defined twice" in result.stderr, result.stderr
 
 
 def test_keys_add_prints_the_key_once_and_stores_only_its_hash(tmp_path):

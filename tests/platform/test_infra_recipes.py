@@ -79,6 +79,12 @@ def test_the_skypilot_yamls_parse_as_a_task_and_a_service(skypilot_python, tmp_p
     assert set(parsed[str(task)]["accelerators"]) == {"A100-80GB:8", "H100:8"}
     assert parsed[str(task)]["has_setup"] and parsed[str(task)]["has_run"]
     assert parsed[str(service)]["service"] == {"readiness_path": "/health", "min_replicas": 1, "max_replicas": 4}
+    # The deploy config needs its tenants file (gRPC and a public host need keys): both recipes bring it.
+    tenants_file = DeploymentConfig.from_yaml(MIXTRAL_DEPLOY).tenants_file
+    for recipe in (task, service):
+        mounted = parsed[str(recipe)]["file_mounts"]
+        assert any(source.endswith("tenants.yaml") for source in mounted.values()), mounted
+        assert f"{tenants_file}" in parsed[str(recipe)]["setup"]
 
 
 def test_the_mixtral_deploy_config_validates():
