@@ -212,3 +212,26 @@ def test_actors_on_one_node_share_the_small_files_cache_safely(uploaded, mixtral
                 stale.unlink()
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(fetch, range(8))) == [expected] * 8
+
+
+def test_a_stale_index_beside_a_new_upload_is_never_followed(moto_s3, uploaded, mixtral_dir, capsys):
+    """An older sharded checkpoint's index and shards left under the prefix: the upload refuses
+    the prefix, and a loader follows the manifest of what was uploaded, not the leftovers."""
+    client, prefix = s3(moto_s3), "stale-index"
+    leftovers = {"model-00001-of-00002.safetensors": b"old shard",
+                 "model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}).encode()}
+    for name, body in leftovers.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    assert main(["upload", str(mixtral_dir), f"s3://{BUCKET}/{prefix}"]) == 2
+    assert "model.safetensors.index.json" in capsys.readouterr().err
+    # Uploaded anyway beside them (as an older mixserve, or another tool, would): loads right.
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/model.safetensors.index.json")
+    assert main(["upload", str(mixtral_dir), f"s3://{BUCKET}/{prefix}"]) == 2  # the old shard is still there
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/model-00001-of-00002.safetensors")
+    assert main(["upload", str(mixtral_dir), f"s3://{BUCKET}/{prefix}"]) == 0
+    for name, body in leftovers.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    source = S3Checkpoint(f"s3://{BUCKET}/{prefix}", cache_dir=None)
+    expected = local_tensor_bytes(mixtral_dir)
+    got = {name: t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for name, t in source.read_tensors(list(expected))}
+    assert got == expected

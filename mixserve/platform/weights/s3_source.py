@@ -183,6 +183,12 @@ class S3Checkpoint:
 
         objects = self.objects()
         folder = self.folder()
+        if self._manifest is not None and self._manifest.files:  # what the upload wrote: never a leftover beside it
+            names = sorted(self._manifest.files)
+            missing = [n for n in names if n not in objects]
+            if missing:
+                raise CheckpointError(f"{self.location.uri(MANIFEST_NAME)} lists weight files that are missing: {', '.join(missing)}")
+            return names
         if HF_INDEX in objects:
             try:
                 names = sorted(set(json.loads((folder / HF_INDEX).read_text())["weight_map"].values()))

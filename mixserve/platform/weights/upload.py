@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mixserve.errors import CheckpointError
-from mixserve.model.weights_source import LocalFolder
+from mixserve.model.weights_source import HF_INDEX, LocalFolder
 from mixserve.platform.weights.header import LENGTH_BYTES, header_length, parse_header
 from mixserve.platform.weights.manifest import MANIFEST_NAME, Manifest
 from mixserve.platform.weights.s3_client import S3Location, endpoint_from_env, s3_client, s3_error
@@ -120,6 +120,7 @@ def upload_checkpoint(
     except Exception as exc:  # noqa: BLE001 - a missing bucket or no access is a clear error, before any work
         raise s3_error(exc, location.uri()) from None
 
+    _refuse_leftovers(client, location, {p.name for p in [*weights, *small]})
     started = time.monotonic()
     digests = {p: digest_file(p, part_bytes, safetensors=p in weights) for p in [*weights, *small]}
     total = sum(d.size for d in digests.values())
@@ -153,3 +154,19 @@ def upload_checkpoint(
     if not etag_checked:
         print("note: the store's ETags are not MD5-based (SSE-KMS?); sizes were verified, not contents", file=out)
     return UploadResult(len(digests) + 1, total, time.monotonic() - started, etag_checked)
+
+
+def _refuse_leftovers(client, location: S3Location, names: set[str]) -> None:
+    """Refuses a prefix holding weight files or an index this checkpoint does not have: a loader
+    could follow a stale index to an older checkpoint's shards. (Never deletes: they may be
+    someone's data.) Overwriting the same files, a re-upload, is fine."""
+    prefix = f"{location.prefix}/" if location.prefix else ""
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
+        present = [obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])]
+    except Exception as exc:  # noqa: BLE001
+        raise s3_error(exc, location.uri()) from None
+    stale = sorted(n for n in present if (n.endswith(".safetensors") or n == HF_INDEX) and n not in names)
+    if stale:
+        raise CheckpointError(f"{location.uri()} already holds {', '.join(stale[:5])}, which this checkpoint does not have: "
+                              "upload to an empty prefix, or delete them first")
