@@ -26,14 +26,29 @@ async def connect_remote_experts(router, timeout_s: float = 30.0, transport: str
     # Attaching starts the shards if the group was scaled to zero; heartbeats keep them up.
     replica = _replica_id()
     placement = await router.attach.remote(replica)
-    if transport == "tcp":
-        addresses = await router.shard_addresses.remote()
-        channel = await asyncio.to_thread(TcpTransport, addresses, timeout_s=timeout_s)
-    else:
-        channel = RayActorTransport(await router.shard_handles.remote(), timeout_s=timeout_s)
-    client = await asyncio.to_thread(ShardClient, placement, channel, compiled_dispatch)
+    # Heard from while it connects and builds (the kernel's first build takes ~25 s): a short
+    # experts.idle_release_s must not release the shards this replica has just woken.
+    starting = asyncio.get_running_loop().create_task(_heartbeat_while_starting(router, replica))
+    try:
+        if transport == "tcp":
+            addresses = await router.shard_addresses.remote()
+            channel = await asyncio.to_thread(TcpTransport, addresses, timeout_s=timeout_s)
+        else:
+            channel = RayActorTransport(await router.shard_handles.remote(), timeout_s=timeout_s)
+        client = await asyncio.to_thread(ShardClient, placement, channel, compiled_dispatch)
+    finally:
+        starting.cancel()
     asyncio.get_running_loop().create_task(_report_load(router, client, replica))
     return remote_feed_forward(client)
+
+
+async def _heartbeat_while_starting(router, replica: str) -> None:
+    while True:
+        await asyncio.sleep(REPORT_EVERY_S)
+        try:
+            await router.heartbeat.remote(replica)
+        except Exception:  # noqa: BLE001 - the next beat, or the first load report, tries again
+            log.warning("could not send a heartbeat to the expert router", exc_info=True)
 
 
 def _replica_id() -> str:
