@@ -440,6 +440,7 @@ class TcpTransport:
                 self._asked[req_id] = (shard, requests[shard].reply_into)
         except ShardUnavailableError:
             self._abandon(pending, {})  # what already went out to other shards
+            self._abandon_in_flight()
             raise
         self._forget_stale()
         return pending
@@ -473,6 +474,7 @@ class TcpTransport:
                 self._wait_once(missing, remaining)
         except BaseException:  # a shard's failure, `arrived`'s, an interrupt: the answers still due are dropped on arrival
             self._abandon(pending, results)
+            self._abandon_in_flight()
             raise
 
     # ---- internals ---------------------------------------------------------------------------
@@ -484,6 +486,15 @@ class TcpTransport:
                 continue
             if self._generation.get(shard) == sent.connection:  # it may still arrive
                 self._abandoned.add(sent.id)
+
+    def _abandon_in_flight(self) -> None:
+        """After a failed call: every other request still in flight too. A layer that fails
+        fails its whole step, so the other micro-batch's requests will never be collected, and
+        their reply buffers (a prefill's are tens of MB) must not stay referenced here."""
+        for req_id in list(self._asked):
+            del self._asked[req_id]
+            self._abandoned.add(req_id)  # (its answer, if one comes, is dropped on arrival)
+        self._stash.clear()
 
     def _forget_stale(self) -> None:
         """Bounds what failed steps leave behind (answers never collected, ids never answered)."""

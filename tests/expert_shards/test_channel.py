@@ -477,3 +477,45 @@ def test_a_shard_address_that_never_answers_the_handshake_fails_within_the_conne
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def test_a_failed_layer_lets_go_of_every_other_request_in_flight():
+    """Ping-pong: micro-batch A's requests are out when micro-batch B's layer fails. The step is
+    over and A's answers will never be collected: the channel must keep none of A's reply
+    buffers (a prefill's are tens of MB), whether an answer came in before the failure (shard 0)
+    or comes after it (shard 1), and it stays usable."""
+    import gc
+    import weakref
+
+    def quick(layer, x, ids, w):
+        if layer == 1:
+            raise RuntimeError("expert weights gone")
+        return x
+
+    def slow(layer, x, ids, w):
+        time.sleep(0.3)
+        return x
+
+    servers = [ShardServer(quick), ShardServer(slow)]
+    transport = TcpTransport({0: servers[0].address, 1: servers[1].address})
+    try:
+        a = {shard: request(4, seed=shard) for shard in (0, 1)}
+        buffers = []
+        for req in a.values():
+            req.reply_into = torch.empty(4, 8)
+            buffers.append(weakref.ref(req.reply_into))
+        transport.submit(0, a)  # never collected
+        time.sleep(0.05)  # shard 0 has answered A; shard 1 is still computing it
+        with pytest.raises(ShardUnavailableError, match="expert weights gone"):
+            transport.collect(transport.submit(1, {0: request(3, seed=2)}))
+        del a, req
+        gc.collect()
+        assert [b() for b in buffers] == [None, None]
+        time.sleep(0.4)  # shard 1's late answer to A arrives and is dropped
+        again = {shard: request(2, seed=3 + shard) for shard in (0, 1)}
+        replies = transport.collect(transport.submit(0, again))
+        assert all(torch.equal(replies[s].output, again[s].x) for s in (0, 1))
+    finally:
+        transport.close()
+        for server in servers:
+            server.close()
