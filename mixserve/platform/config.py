@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mixserve.errors import CheckpointError, MixserveError
-from mixserve.platform.tenants import Tenant, TenantsError, load_tenants
+from mixserve.platform.tenants import Tenant, TenantsError, load_tenants, require_unique_names
 from mixserve.platform.weights.s3_client import S3Location
 from mixserve.replicas.engine_config import EngineConfig
 
@@ -259,10 +259,10 @@ class DeploymentConfig(_Strict):
             except TenantsError as exc:
                 raise ConfigError(str(exc)) from None
         tenants = [*self.tenants, *extra]
-        names = [t.name for t in tenants]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ConfigError(f"tenants {twice} are defined twice (in tenants and tenants_file together)")
+        try:
+            require_unique_names(tenants)
+        except TenantsError as exc:
+            raise ConfigError(f"{exc} (in tenants and tenants_file together)") from None
         return tenants
 
     @classmethod

@@ -86,13 +86,18 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def require_unique_names(tenants: list[Tenant]) -> None:
+    names = [t.name for t in tenants]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TenantsError(f"tenants {twice} are defined twice")
+
+
 class KeyRing:
     """Looks tenants up by API key (hashed first, compared in constant time)."""
 
     def __init__(self, tenants: list[Tenant]):
-        names = [t.name for t in tenants]
-        if len(set(names)) != len(names):
-            raise TenantsError("tenant names must be unique")
+        require_unique_names(tenants)
         self.tenants = {t.name: t for t in tenants}
         self._by_hash = {digest: t for t in tenants for digest in t.key_sha256}
 

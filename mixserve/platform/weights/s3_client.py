@@ -71,6 +71,17 @@ def s3_client(endpoint_url: str | None = None, max_pool_connections: int = 32):
         return client
 
 
+def list_prefix(client, location: S3Location) -> list[dict]:
+    """The objects directly under the location's prefix (boto3's entries: Key, Size, ETag...),
+    every page; a failure is a CheckpointError naming the location."""
+    prefix = f"{location.prefix}/" if location.prefix else ""
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
+        return [obj for page in pages for obj in page.get("Contents", [])]
+    except Exception as exc:  # noqa: BLE001 - every boto failure becomes a CheckpointError
+        raise s3_error(exc, location.uri()) from None
+
+
 def s3_error(exc: Exception, uri: str) -> CheckpointError:
     """A CheckpointError for a boto3/botocore failure on `uri`, without request ids or credentials."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError

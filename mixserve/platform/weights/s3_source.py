@@ -35,7 +35,7 @@ from mixserve.model.weights_source import HF_INDEX, no_safetensors_error
 from mixserve.platform.weights.cache import TensorCache, sha256_hex, write_atomic
 from mixserve.platform.weights.header import LENGTH_BYTES, TensorEntry, header_length, parse_header, tensor_from_bytes
 from mixserve.platform.weights.manifest import MANIFEST_NAME, Manifest
-from mixserve.platform.weights.s3_client import S3Location, endpoint_from_env, s3_client, s3_error
+from mixserve.platform.weights.s3_client import S3Location, endpoint_from_env, list_prefix, s3_client, s3_error
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +133,8 @@ class S3Checkpoint:
             return self._objects
 
     def _list(self) -> dict[str, S3Object]:
-        loc = self.location
-        prefix = f"{loc.prefix}/" if loc.prefix else ""
-        found: dict[str, S3Object] = {}
-        try:
-            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    name = obj["Key"][len(prefix):]
-                    found[name] = S3Object(obj["Key"], int(obj["Size"]), obj["ETag"].strip('"'))
-        except Exception as exc:  # noqa: BLE001 - every boto failure becomes a CheckpointError
-            raise s3_error(exc, self.uri) from None
+        found = {obj["Key"].rpartition("/")[2]: S3Object(obj["Key"], int(obj["Size"]), obj["ETag"].strip('"'))
+                 for obj in list_prefix(self._client(), self.location)}
         if not found:
             raise CheckpointError(f"no checkpoint at {self.uri} (nothing under that prefix)")
         return found

@@ -24,7 +24,7 @@ from mixserve.errors import CheckpointError
 from mixserve.model.weights_source import HF_INDEX, LocalFolder
 from mixserve.platform.weights.header import LENGTH_BYTES, header_length, parse_header
 from mixserve.platform.weights.manifest import MANIFEST_NAME, Manifest
-from mixserve.platform.weights.s3_client import S3Location, endpoint_from_env, s3_client, s3_error
+from mixserve.platform.weights.s3_client import S3Location, endpoint_from_env, list_prefix, s3_client, s3_error
 from mixserve.platform.weights.s3_source import SMALL_FILES
 
 MIN_PART_BYTES = 8 << 20  # S3's floor is 5 MiB per part; 8 MiB is also boto3's default
@@ -160,12 +160,7 @@ def _refuse_leftovers(client, location: S3Location, names: set[str]) -> None:
     """Refuses a prefix holding weight files or an index this checkpoint does not have: a loader
     could follow a stale index to an older checkpoint's shards. (Never deletes: they may be
     someone's data.) Overwriting the same files, a re-upload, is fine."""
-    prefix = f"{location.prefix}/" if location.prefix else ""
-    try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
-        present = [obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])]
-    except Exception as exc:  # noqa: BLE001
-        raise s3_error(exc, location.uri()) from None
+    present = [obj["Key"].rpartition("/")[2] for obj in list_prefix(client, location)]
     stale = sorted(n for n in present if (n.endswith(".safetensors") or n == HF_INDEX) and n not in names)
     if stale:
         raise CheckpointError(f"{location.uri()} already holds {', '.join(stale[:5])}, which this checkpoint does not have: "
