@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ray.serve.exceptions import BackPressureError
 
 from mixserve.errors import ContextLengthError, InvalidRequestError, MixserveError
+from mixserve.model.args import ModelArgs
 from mixserve.model.weights_source import WeightsSource, checkpoint_folder
 from mixserve.platform.detached import spawn_detached
 from mixserve.platform.metering import MeterBatch
@@ -119,13 +120,18 @@ class FrontDoor:
     `cancel()` (mixserve.platform.generations: on the replicas, or in this process)."""
 
     def __init__(self, open_generation: Callable, ledger, router, model_name: str, checkpoint: str | WeightsSource,
-                 tenants: list[dict], system_prompt: str | None = None, first_output_timeout_s: float = 300.0):
+                 tenants: list[dict], system_prompt: str | None = None, first_output_timeout_s: float = 300.0,
+                 max_model_len: int | None = None):
         self.open_generation, self.ledger, self.router = open_generation, ledger, router
         # Bounds the wait for a request's first output: replicas starting from zero, or a burst.
         self.first_output_timeout_s = first_output_timeout_s
         self.model_name = model_name
         self.keys = KeyRing([Tenant.model_validate(t) for t in tenants])
-        self.tokenizer = Tokenizer.from_checkpoint(checkpoint_folder(checkpoint))
+        folder = checkpoint_folder(checkpoint)
+        self.tokenizer = Tokenizer.from_checkpoint(folder)
+        # The engine's context (prompt + output), for chat's default max_tokens: the engine's
+        # max_model_len, which defaults to the model's max_position_embeddings.
+        self.max_model_len = max_model_len or ModelArgs.from_folder(folder).max_position_embeddings
         self.names = TokenText(self.tokenizer.piece_bytes)
         self.system_prompt = resolve_system_prompt(system_prompt)
         self.meter = MeterBatch(ledger)
@@ -181,6 +187,13 @@ class FrontDoor:
             return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
         except InvalidRequestError as exc:
             raise ApiError(400, exc.message, exc.param) from None
+
+    def up_to_context_end(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
+        """A chat turn that names no max_tokens may run to the end of the context, as in OpenAI's
+        API (and vLLM's): a default of a few tokens would cut every answer of a client that
+        leaves it unset, as the official clients do. (A prompt that fills the context gets 1,
+        and the engine's context_length_exceeded.)"""
+        return dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
 
     # ---- quotas ------------------------------------------------------------------------------
     async def admit(self, caller: Caller, record: RequestRecord, max_tokens: int) -> str:

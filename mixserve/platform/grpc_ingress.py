@@ -112,6 +112,8 @@ class GrpcMethods:
                 if not messages or messages[-1]["role"] != "user":
                     raise ApiError(400, "messages must end with a user message", "messages")
                 prompt_ids = await self.door.chat_prompt(caller, messages)
+                if not request.sampling.HasField("max_tokens"):
+                    params = self.door.up_to_context_end(params, prompt_ids)
             else:
                 kind = request.WhichOneof("prompt")
                 if kind is None:

@@ -92,7 +92,8 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
 
     async def __init__(self, replica, ledger, router, model_name: str, checkpoint, tenants: list[dict],
                        system_prompt: str | None = None, max_body_bytes: int = 1 << 20,
-                       first_output_timeout_s: float = 300.0, in_process: dict | None = None):
+                       first_output_timeout_s: float = 300.0, max_model_len: int | None = None,
+                       in_process: dict | None = None):
         self.replica: AttentionReplica | None = None
         if in_process is not None:
             self.replica = await AttentionReplica.start(**in_process["replica"])
@@ -100,7 +101,7 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
         else:
             open_generation = on_replicas(replica)
         self.door = FrontDoor(open_generation, ledger, router, model_name, checkpoint, tenants, system_prompt,
-                              first_output_timeout_s)
+                              first_output_timeout_s, max_model_len)
         if self.replica is not None:  # the engine hears how many requests are on their way to it
             self.replica.engine.arrivals = lambda: self.door.arriving
         BodyLimit.max_bytes = self.max_body_bytes = max_body_bytes
@@ -183,6 +184,8 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
             if body.messages[-1].role != "user":
                 raise ApiError(400, "the last message must be from the user", "messages")
             prompt_ids = await self.door.chat_prompt(caller, [m.model_dump() for m in body.messages])
+            if body.max_tokens is None:  # (sampling_params took max_completion_tokens into it)
+                params = self.door.up_to_context_end(params, prompt_ids)
             return await self._generate(caller, body, params, prompt_ids, True, "chat", arrival)
 
     @staticmethod

@@ -128,7 +128,8 @@ class TenantLedger:
             if tokens > limits.tokens_per_min:
                 return Admission(False, message=f"this request needs up to {tokens} tokens (prompt + max_tokens), "
                                  f"more than tenant {limits.name!r}'s {limits.tokens_per_min} tokens per minute; "
-                                 "lower max_tokens", retry_after_s=WINDOW_S)
+                                 "send a lower max_tokens (a chat turn without one may run to the end of the context)",
+                                 retry_after_s=WINDOW_S)
             used = sum(n for _, n in state.tokens) + state.reserved
             if used + tokens > limits.tokens_per_min:
                 wait = (state.tokens[0][0] + WINDOW_S - now) if state.tokens else 1.0

@@ -27,7 +27,8 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(..., description="Served model name (see /v1/models).")
-    max_tokens: int | None = Field(None, description="Most tokens to generate per choice (default 16).")
+    max_tokens: int | None = Field(None, description="Most tokens to generate per choice (default: completions 16, "
+                                   "chat the rest of the model's context, as OpenAI's API).")
     temperature: float = Field(1.0, description="0 is greedy.")
     top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
     top_k: int = Field(-1, description="Extension: keep the k most likely tokens (-1 = off).")
@@ -69,7 +70,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far, ending with a user turn.")
     logprobs: bool = Field(False, description="Return log-probabilities of the generated tokens.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Most likely alternatives per token (needs logprobs).")
-    max_completion_tokens: int | None = Field(None, description="Newer name of max_tokens.")
+    max_completion_tokens: int | None = Field(None, description="Newer name of max_tokens (default: the rest of the context).")
 
     def sampling_params(self, logprobs: int | None = None, default_max_tokens: int = 16) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:

@@ -178,6 +178,25 @@ def test_concurrency_and_tokens_per_minute_hold_across_the_ingress_replicas(door
     assert statuses[:2] == [200, 200] and statuses[2:] == [429, 429]  # 2 x (4 + 20) fit in 60 tokens/min, a 3rd not
     too_big = requests.post(f"{door}/v1/completions", json={**body, "max_tokens": 100}, headers=frugal, timeout=60)
     assert too_big.status_code == 429 and "lower max_tokens" in too_big.json()["error"]["message"]
+    # A chat turn without max_tokens reserves the rest of the context: the same refusal, saying why.
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
+    unbounded = requests.post(f"{door}/v1/chat/completions", json=chat, headers=frugal, timeout=60)
+    assert unbounded.status_code == 429 and "chat turn without one" in unbounded.json()["error"]["message"]
+
+
+def test_a_chat_turn_without_max_tokens_may_run_to_the_end_of_the_context(door):
+    # OpenAI's chat API (and the official clients, which leave it unset) mean "up to the context's
+    # end"; completions keep OpenAI's default of 16.
+    api = client(door)
+    chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == ENGINE["max_model_len"]
+    newer = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], temperature=0,
+                                        max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert newer.usage.completion_tokens == 3
+    plain = api.completions.create(model="tiny", prompt=[1, 2, 3], temperature=0, extra_body={"ignore_eos": True})
+    assert plain.usage.completion_tokens == 16
 
 
 def test_a_client_leaving_mid_stream_frees_its_slot_within_a_second(door):

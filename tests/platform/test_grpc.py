@@ -106,6 +106,15 @@ def test_every_method_works_and_matches_the_engine(grpc_door, mixtral_dir):
     assert "".join(c.text for c in streamed if c.index == 0) == answer.choices[0].text
     assert streamed[-1].usage.total_tokens == answer.usage.total_tokens
 
+    # Chat without max_tokens may run to the end of the context (as over HTTP); Generate keeps 16.
+    unbounded = client.message("ChatRequest", model="tiny", messages=chat.messages,
+                               sampling=sampling(client, temperature=0.0, ignore_eos=True))
+    answer = client.call("Chat", unbounded)
+    assert answer.usage.total_tokens == 256 and answer.choices[0].finish_reason == "length"
+    plain = client.message("GenerateRequest", model="tiny", token_ids=request.token_ids,
+                           sampling=sampling(client, temperature=0.0, ignore_eos=True))
+    assert client.call("Generate", plain).usage.completion_tokens == 16
+
 
 def code_of(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
