@@ -27,7 +27,7 @@ from mixserve.platform.metering import MeterBatch
 from mixserve.platform.openai_api import TokenText
 from mixserve.platform.tenants import KeyRing, Tenant, resolve_system_prompt
 from mixserve.replicas.async_engine import merge_outputs
-from mixserve.replicas.deployment import GenerateError, GenerateRequest
+from mixserve.replicas.deployment import GenerateError, GenerateRequest, Progress
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
 from mixserve.replicas.tokenizer import Tokenizer
@@ -365,6 +365,9 @@ class Run:
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
             async for i, out in self.choices.events():
+                if isinstance(out, Progress):  # a non-streamed choice's count: charged if the client leaves
+                    self.record.completion_tokens[i] = max(self.record.completion_tokens.get(i, 0), out.completion_tokens)
+                    continue
                 self.record.saw(i, out)
                 yield i, out
         except ApiError as err:
@@ -410,7 +413,7 @@ class Choices:
     def __init__(self, streams, firsts: list[RequestOutput]):
         self._streams, self._firsts = streams, firsts
 
-    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput | Progress]]:
         queue: asyncio.Queue = asyncio.Queue()
         for i, first in enumerate(self._firsts):
             queue.put_nowait((i, first))
@@ -441,7 +444,7 @@ class Choices:
                 if isinstance(item, Exception):
                     raise ApiError(503, f"generation failed ({type(item).__name__}); retry") from None
                 yield i, item
-                if item.finished:
+                if not isinstance(item, Progress) and item.finished:
                     remaining -= 1
         finally:
             for task in tasks:

@@ -31,6 +31,8 @@ from mixserve.replicas.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 0.5
+# A non-streamed generation's token count goes out this often (see Progress).
+PROGRESS_EVERY_S = 1.0
 GIL_SWITCH_S = 0.0005
 
 
@@ -44,7 +46,16 @@ class GenerateRequest:
     request_id: str | None = None
     tenant: str = ""  # for weighted fair scheduling across tenants
     weight: float = 1.0
-    stream: bool = True  # False: send only the first and the final output
+    stream: bool = True  # False: send the first and the final output, and a Progress each PROGRESS_EVERY_S
+
+
+@dataclass
+class Progress:
+    """How many tokens a non-streamed generation has made so far. Its outputs between the first
+    and the last are not sent (a message per token per request saved), so without this a client
+    that leaves before the end would be charged only the first output's tokens."""
+
+    completion_tokens: int
 
 
 @dataclass
@@ -128,17 +139,21 @@ class AttentionReplica:
             except Exception:  # noqa: BLE001 - a missed report only delays the figures
                 log.warning("could not report queue figures", exc_info=True)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | GenerateError]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | Progress | GenerateError]:
         try:
             outputs = self.engine.generate(
                 request.prompt, request.params, request.chat, request.request_id, request.tenant, request.weight
             )
-            first = True
+            first, reported_at = True, time.monotonic()
             async for out in outputs:
                 # A client that does not stream needs the first output (it proves admission)
-                # and the last; skipping the rest saves a message per token per request.
+                # and the last; skipping the rest saves a message per token per request. Its
+                # token count still goes out about once a second, for its charge.
                 if request.stream or first or out.finished:
                     yield out
+                elif time.monotonic() - reported_at >= PROGRESS_EVERY_S:
+                    reported_at = time.monotonic()
+                    yield Progress(len(out.token_ids))
                 first = False
         except ContextLengthError as exc:
             yield GenerateError("context_length", exc.message, exc.param)

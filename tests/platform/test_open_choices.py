@@ -1,6 +1,7 @@
 """FrontDoor.open_choices: the n choices of a request start together, and a failing choice
-ends the others. The generations here are stand-ins at the `open_generation` seam (the real
-ones run through Serve in test_front_door.py); they record when each choice is first read."""
+ends the others; a run settles what its choices made, even when its client leaves. The
+generations here are stand-ins at the `open_generation` seam (the real ones run through Serve
+in test_front_door.py); they record when each choice is first read."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import asyncio
 
 import pytest
 
-from mixserve.platform.front_door import ApiError, Caller, FrontDoor
-from mixserve.replicas.deployment import GenerateError
+from mixserve.platform.front_door import ApiError, Caller, FrontDoor, RequestRecord, Run
+from mixserve.replicas.deployment import GenerateError, Progress
 from mixserve.replicas.sampling_params import SamplingParams
 from mixserve.replicas.sequence import RequestOutput
 
@@ -115,3 +116,48 @@ def test_a_refused_request_stops_counting_as_on_its_way(mixtral_dir):
         return door.arriving
 
     assert asyncio.run(scenario()) == 0
+
+
+class NonStreamedChoice:
+    """A non-streamed choice as a replica sends it: its first output, then counts, then (here)
+    nothing until the client leaves."""
+
+    def __init__(self):
+        self.cancelled = False
+        self._items = [RequestOutput("r0", [1, 2], [7], "x", [7], "x", False, None, None, None), Progress(5), Progress(40)]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._items:
+            return self._items.pop(0)
+        await asyncio.Event().wait()  # generating on: the client leaves first
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_client_leaving_a_non_streamed_request_is_charged_the_tokens_made_so_far(mixtral_dir):
+    choice = NonStreamedChoice()
+    door = FrontDoor(lambda request: choice, ledger=None, router=None, model_name="tiny", checkpoint=mixtral_dir, tenants=[])
+    settled: list[RequestRecord] = []
+    door.settle = lambda lease, record: settled.append(record)
+
+    async def scenario():
+        choices = await door.open_choices(Caller("a"), [1, 2], SamplingParams(max_tokens=100), n=1, chat=False, stream=False)
+        run = Run(door, "lease-1", RequestRecord("completions", prompt_tokens=2), choices)
+        waiting = asyncio.create_task(run.finals())
+        for _ in range(100):  # until the counts are read
+            await asyncio.sleep(0.01)
+            if not choice._items:
+                break
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(scenario())
+    assert choice.cancelled  # its generation aborts, freeing the slot
+    assert len(settled) == 1 and settled[0].status == "client_closed"
+    assert settled[0].completion_total == 40  # not the first output's 1 token
