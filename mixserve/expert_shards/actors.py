@@ -8,7 +8,6 @@ bfloat16 tensor travels as its raw 16-bit words and is viewed back on arrival (s
 
 from __future__ import annotations
 
-import collections
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -21,7 +20,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mixserve.expert_shards.channel import ShardServer
-from mixserve.expert_shards.cpu_pinning import cores_for_slot, node_local_slots, pin_this_process
+from mixserve.expert_shards.cpu_pinning import cores_for_slot, cpu_slot, pin_this_process
 from mixserve.expert_shards.dispatch import Arrived, ShardReply, ShardRequest, ShardUnavailableError, report_arrivals
 from mixserve.expert_shards.placement import Placement
 from mixserve.expert_shards.shard import ExpertShard, ShardInfo
@@ -128,29 +127,36 @@ class ShardGroup:
     placement_group: PlacementGroup
     start_args: dict
     infos: dict[int, ShardInfo] = field(default_factory=dict)  # as each shard reported at start
+    # shard -> (node, CPU slot) its running actor was given (cpu_pinning.cpu_slot), when pinning
+    cpu_slots: dict[int, tuple[str, int]] = field(default_factory=dict)
 
     def start_actor(self, shard_id: int, experts: list[int]) -> ray.actor.ActorHandle:
-        """Starts shard `shard_id` in its own bundle of the group's placement group."""
+        """Starts shard `shard_id` in its own bundle of the group's placement group (a restart:
+        after `release_cpu_slots` of every dead shard, so that their cores are free again)."""
         args = self.start_args
+        slot = None
+        if args["pin_cpus"]:
+            # Asked at every start: a dead node's bundles move to another node.
+            bundle_nodes = placement_group_table(self.placement_group).get("bundles_to_node_id") or {}
+            slot = cpu_slot(shard_id, bundle_nodes, self.cpu_slots)
+            if slot is not None:
+                self.cpu_slots[shard_id] = (bundle_nodes[shard_id], slot[0])
         return ray.remote(ExpertShardActor).options(
             num_cpus=args["cpus_per_shard"],
             num_gpus=args["gpus_per_shard"],
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=shard_id),
         ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"], args["moe_kernel"],
-                 cpu_slots(self.placement_group).get(shard_id) if args["pin_cpus"] else None)
+                 slot)
+
+    def release_cpu_slots(self, shards: list[int]) -> None:
+        """The cores of shards that died are free for the shards restarting."""
+        for shard in shards:
+            self.cpu_slots.pop(shard, None)
 
     def shutdown(self) -> None:
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
-
-
-def cpu_slots(pg: PlacementGroup) -> dict[int, tuple[int, int]]:
-    """Shard -> (its rank among the shards on its node, how many shards that node has), as the
-    bundles lie now (asked at every actor start: a dead node's bundles move to another node)."""
-    bundle_nodes = placement_group_table(pg).get("bundles_to_node_id") or {}
-    per_node = collections.Counter(bundle_nodes.values())
-    return {shard: (slot, per_node[bundle_nodes[shard]]) for shard, slot in node_local_slots(bundle_nodes).items()}
 
 
 def shard_threads(num_threads: int | None) -> int:

@@ -19,6 +19,7 @@ several shards to one CPU would serialise them). GPU shards are left alone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -26,15 +27,19 @@ from collections.abc import Callable, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 
-def node_local_slots(bundle_nodes: Mapping[int, str]) -> dict[int, int]:
-    """Shard (bundle index) -> its rank among the shards on the same node, by shard id."""
-    seen: dict[str, int] = {}
-    slots = {}
-    for shard in sorted(bundle_nodes):
-        node = bundle_nodes[shard]
-        slots[shard] = seen.get(node, 0)
-        seen[node] = slots[shard] + 1
-    return slots
+def cpu_slot(shard: int, bundle_nodes: Mapping[int, str], held: Mapping[int, tuple[str, int]]) -> tuple[int, int] | None:
+    """(slot, shards on its node) for a shard actor about to start: the lowest slot on its
+    bundle's node that no other running shard there holds (`held`: shard -> (node, slot) of the
+    running actors); None where the bundle has no node. At a group's start, shards starting in
+    id order get their rank on their node. Why not that rank at a restart too: a dead node's
+    shards restart on a node whose shards keep the slots they were pinned with, and by rank a
+    newcomer could take a running shard's cores."""
+    node = bundle_nodes.get(shard)
+    if node is None:
+        return None
+    taken = {slot for other, (where, slot) in held.items() if other != shard and where == node}
+    slot = next(s for s in itertools.count() if s not in taken)
+    return slot, sum(1 for where in bundle_nodes.values() if where == node)
 
 
 def cores_for_slot(slot: int, threads: int, allowed: Sequence[int], shards_on_node: int,

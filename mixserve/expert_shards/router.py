@@ -276,8 +276,10 @@ class ExpertRouter:
         dead = [sid for sid, alive in self._alive().items() if not alive]
         if not dead:
             return []
-        for sid in dead:  # all restarts first: they load their experts side by side
+        for sid in dead:
             ray.kill(self._group.actors[sid], no_restart=True)  # a sick one still holds its bundle
+        self._group.release_cpu_slots(dead)
+        for sid in dead:  # all restarts first: they load their experts side by side
             # (kept in the group even if it fails to start: the next round finds it dead and kills it)
             self._group.actors[sid] = self._group.start_actor(sid, self._placement.experts_of(sid))
         restored, failed = [], []

@@ -9,14 +9,37 @@ import sys
 import pytest
 
 from mixserve.expert_shards.actors import start_shard_group
-from mixserve.expert_shards.cpu_pinning import _cpu_list, cores_for_slot, node_local_slots
+from mixserve.expert_shards.cpu_pinning import _cpu_list, cores_for_slot, cpu_slot
 from mixserve.expert_shards.placement import Placement
 
 can_pin = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="this OS has no CPU affinity calls")
 
 
-def test_shards_are_ranked_within_their_own_node():
-    assert node_local_slots({0: "a", 1: "b", 2: "a", 3: "a", 4: "b"}) == {0: 0, 1: 0, 2: 1, 3: 2, 4: 1}
+def start_in_order(bundle_nodes: dict[int, str], held: dict[int, tuple[str, int]], shards) -> dict[int, tuple[int, int]]:
+    """What ShardGroup.start_actor does for each shard in turn: take a slot and hold it."""
+    given = {}
+    for shard in shards:
+        given[shard] = cpu_slot(shard, bundle_nodes, held)
+        held[shard] = (bundle_nodes[shard], given[shard][0])
+    return given
+
+
+def test_shards_starting_together_are_ranked_within_their_own_node():
+    nodes = {0: "a", 1: "b", 2: "a", 3: "a", 4: "b"}
+    given = start_in_order(nodes, {}, range(5))
+    assert given == {0: (0, 3), 1: (0, 2), 2: (1, 3), 3: (2, 3), 4: (1, 2)}
+    assert cpu_slot(5, nodes, {}) is None  # a bundle without a node
+
+
+def test_a_dead_node_s_shards_restart_on_cores_the_running_shards_there_do_not_hold():
+    # Node b died; its shards 0 and 1 restart on node a, where shards 2 and 3 run on slots 0 and 1.
+    held = {2: ("a", 0), 3: ("a", 1)}
+    moved = {0: "a", 1: "a", 2: "a", 3: "a"}
+    given = start_in_order(moved, held, [0, 1])
+    assert given == {0: (2, 4), 1: (3, 4)}  # (ranked by id they would take slots 0 and 1: shared cores)
+    # One of them dies again on its own: it takes back the slot it let go.
+    del held[1]
+    assert cpu_slot(1, moved, held) == (3, 4)
 
 
 @pytest.mark.parametrize("slot, threads, shards, expected", [
