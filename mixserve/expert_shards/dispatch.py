@@ -16,6 +16,7 @@ it began with.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import threading
 import time
@@ -55,15 +56,52 @@ class ShardRequest:
     # [T_s, D] where the answer should land, if the transport can read it straight in (the
     # replica then adds it back to its tokens from there); a reply elsewhere is copied in.
     reply_into: torch.Tensor | None = None
-    # uint8 [bytes]: x, expert_ids and weights back to back, the memory the three tensors above
-    # are views of, when they lie so (the compiled pack lays them out as the TCP channel sends
-    # them, one buffer for it to hand the kernel instead of three).
-    wire: torch.Tensor | None = None
+
+
+class PackedRequest(ShardRequest):
+    """One shard's request as the compiled pack lays it out (dispatch_kernel.cpp): `frames`, its
+    bytes as the TCP channel sends them, and `reply_frame`, where its answer's bytes are read to,
+    both memoryviews over the layer call's buffers, which this request keeps alive (never hold
+    one without it). Its tensors (x, expert_ids, weights, reply_into) are views made when first
+    read: the channel reads none of them, and a layer's dozen views cost ~50 us with the caches
+    cold (a torch call then takes several microseconds)."""
+
+    def __init__(self, call: _CompiledCall, shard: int, rows: int, reply_row: int, block_at: int, ids_at: int,
+                 weights_at: int, frames: list[memoryview], reply_frame: memoryview):
+        # (no dataclass __init__: the fields are the properties below)
+        self.shard, self.rows, self.reply_row = shard, rows, reply_row
+        self.dim, self.k, self.dtype = call.dim, call.k, call.dtype
+        self.frames, self.reply_frame = frames, reply_frame
+        self._call, self._layout = call, (block_at, ids_at, weights_at)
+        self._views: tuple[torch.Tensor, ...] | None = None
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._views is None:
+            call, (block_at, ids_at, weights_at) = self._call, self._layout
+            block = call.blocks[block_at:]
+            row_bytes = self.dim * self.dtype.itemsize
+            self._views = (
+                block[:self.rows * row_bytes].view(self.dtype).view(self.rows, self.dim),
+                block[ids_at:ids_at + self.rows * self.k * 8].view(torch.long).view(self.rows, self.k),
+                block[weights_at:weights_at + self.rows * self.k * self.dtype.itemsize].view(self.dtype).view(self.rows, self.k),
+                call.replies[self.reply_row:self.reply_row + self.rows],
+            )
+        return self._views
+
+    x = property(lambda self: self._tensors()[0])
+    expert_ids = property(lambda self: self._tensors()[1])
+    weights = property(lambda self: self._tensors()[2])
+    reply_into = property(lambda self: self._tensors()[3])
+
+    def __repr__(self) -> str:
+        return f"PackedRequest(shard={self.shard}, rows={self.rows}, dim={self.dim}, k={self.k}, dtype={self.dtype})"
 
 
 @dataclass
 class ShardReply:
-    output: torch.Tensor  # [T_s, D] per token, the gate-weighted sum over this shard's slots
+    # [T_s, D] per token, the gate-weighted sum over this shard's slots; None where the transport
+    # read it straight into its PackedRequest's reply_frame (its size checked there)
+    output: torch.Tensor | None
     compute_s: float  # the shard's own compute time for this request
     to_shard_s: float = 0.0  # request on the wire: sent here -> fully received there
     from_shard_s: float = 0.0  # reply on the wire: sent there -> fully received here
@@ -108,9 +146,6 @@ class Transport(Protocol):
 
 
 Arrived = Callable[[int, ShardReply], None]
-# What ShardClient.pack returns: (each shard's request, each shard's [T_s] token index, the [T, D]
-# zeros the answers are added to, the add that fits them: add_rows(result, token, answer)).
-Packed = tuple[dict[int, ShardRequest], dict[int, torch.Tensor], torch.Tensor, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]]
 
 
 def report_arrivals(replies: dict[int, ShardReply], arrived: Arrived | None) -> dict[int, ShardReply]:
@@ -270,13 +305,11 @@ class ShardClient:
                     flat_shard[slots[start:start + rows]] = shard
                     start += rows
 
-    def pack(self, placement: Placement, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Packed:
-        """Every shard's request for one layer call, routed by `placement`. x [T, D], expert_ids
-        [T, K] int64, weights [T, K] in x's dtype. Returns (requests, token_of, result, add_rows):
-        each shard's ShardRequest, the one with the most tokens first (it likely finishes last,
-        so it should start first; its reply_into is fresh); each shard's [T_s] token index, in
-        order; the [T, D] zeros the answers are added to; and the add that fits them
-        (add_rows(result, token_of[shard], answer))."""
+    def pack(self, placement: Placement, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> LayerCall:
+        """Every shard's request for one layer call, routed by `placement`, and where their answers
+        are summed. x [T, D], expert_ids [T, K] int64, weights [T, K] in x's dtype. The call's
+        requests come the one with the most tokens first (it likely finishes last, so it should
+        start first)."""
         if expert_ids.dtype is not torch.int64 or weights.dtype is not x.dtype:  # (attribute checks: cheap, cold)
             raise MixserveError(f"dispatch takes int64 expert ids and weights in x's dtype, not {expert_ids.dtype} "
                                 f"and {weights.dtype} for {x.dtype}")
@@ -287,17 +320,12 @@ class ShardClient:
         # A replicated expert's split is rare and Python's (see assign); every other slot goes to
         # its expert's first holder, which the kernel looks up itself.
         shard_of = torch.from_numpy(self.route(placement, expert_ids.numpy())) if has_copies else None
-        shard_of_all, result, parts = kernel.pack(x, expert_ids, weights, first_holder, shard_of, placement.n_shards)
+        packed = kernel.pack(x, expert_ids, weights, first_holder, shard_of, placement.n_shards)
         if shard_of is None:
-            self._count_later(expert_ids, shard_of_all)
-        requests: dict[int, ShardRequest] = {}
-        token_of: dict[int, torch.Tensor] = {}
-        for shard, _, x_s, ids_s, weights_s, replies_s, token_s, wire in sorted(parts, key=lambda part: -part[1]):
-            requests[shard] = ShardRequest(x_s, ids_s, weights_s, reply_into=replies_s, wire=wire)
-            token_of[shard] = token_s
-        return requests, token_of, result, kernel.add_rows
+            self._count_later(expert_ids, packed[0])
+        return _CompiledCall(kernel, packed, x.shape[1], expert_ids.shape[1], x.dtype)
 
-    def _pack_with_library_calls(self, placement: Placement, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> Packed:
+    def _pack_with_library_calls(self, placement: Placement, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> LayerCall:
         """`pack` through numpy and torch: x may live on an accelerator, and this path needs no
         compiler. Every shard's request in one pass, a fixed number of calls whatever the number
         of shards (8 shards, cold: 0.35-0.37 ms against 0.44-0.47 with a dozen calls per shard).
@@ -327,13 +355,84 @@ class ShardClient:
             part = slice(starts[shard], starts[shard + 1])
             requests[shard] = ShardRequest(x_all[part], ids_all[part], weights_all[part], reply_into=replies_all[part])
             token_of[shard] = token_index[part]
-        return requests, token_of, result, _index_add
+        return _LibraryCall(requests, token_of, result)
 
 
-def _index_add(result: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> None:
-    """result [T, D] += rows [n, D] at token [n], as the kernel's add_rows does for distinct tokens
-    (index_add_ sums a repeated token's rows in float before rounding; dispatch never repeats one)."""
-    result.index_add_(0, token, rows)
+class LayerCall(abc.ABC):
+    """One layer call's requests, and where their answers are summed: `land(shard, reply)` puts an
+    answer in its request's place (refusing one of the wrong size), `add(shard)` adds it to its
+    tokens, and `result` [T, D] holds the layer's output once every answer is added."""
+
+    requests: dict[int, ShardRequest]
+    result: torch.Tensor
+
+    @abc.abstractmethod
+    def token_of(self, shard: int) -> torch.Tensor:
+        """The [T_s] tokens of a shard's request, in order."""
+
+    @abc.abstractmethod
+    def land(self, shard: int, reply: ShardReply) -> None:
+        """Puts a shard's answer where its request's answer belongs."""
+
+    @abc.abstractmethod
+    def add(self, shard: int) -> None:
+        """Adds a landed answer's rows to their tokens in `result`."""
+
+
+def _refuse_wrong_size(shard: int, output: torch.Tensor, rows: int, dim: int) -> None:
+    if tuple(output.shape) != (rows, dim):  # never add what was not answered
+        raise ShardUnavailableError(f"expert shard {shard} answered {list(output.shape)} for {[rows, dim]}")
+
+
+class _LibraryCall(LayerCall):
+    """The numpy and torch path's: requests of tensors, answers summed by index_add_ into zeros."""
+
+    def __init__(self, requests: dict[int, ShardRequest], token_of: dict[int, torch.Tensor], result: torch.Tensor):
+        self.requests, self._token_of, self.result = requests, token_of, result
+
+    def token_of(self, shard: int) -> torch.Tensor:
+        return self._token_of[shard]
+
+    def land(self, shard: int, reply: ShardReply) -> None:
+        into = self.requests[shard].reply_into
+        if reply.output is None:  # (only a PackedRequest is answered in place)
+            raise ShardUnavailableError(f"expert shard {shard}'s answer went nowhere")
+        _refuse_wrong_size(shard, reply.output, *into.shape)
+        if reply.output is not into:  # this transport could not read it in place
+            into.copy_(reply.output)
+
+    def add(self, shard: int) -> None:
+        # (index_add_ sums a repeated token's rows in float before rounding: dispatch never repeats one)
+        self.result.index_add_(0, self._token_of[shard], self.requests[shard].reply_into)
+
+
+class _CompiledCall(LayerCall):
+    """The compiled pack's (dispatch_kernel.cpp): PackedRequests over its buffers, answers summed
+    by its add; `result` is uninitialised until the first add, which also zeroes the tokens it
+    does not hold (one pass, after the requests went out, instead of zeroing before)."""
+
+    def __init__(self, kernel, packed: tuple, dim: int, k: int, dtype: torch.dtype):
+        _, self.result, self.blocks, self.replies, self.token, parts = packed
+        self.kernel, self.dim, self.k, self.dtype = kernel, dim, k, dtype
+        self.requests: dict[int, PackedRequest] = {}
+        for part in sorted(parts, key=lambda part: -part[1]):
+            self.requests[part[0]] = PackedRequest(self, *part)
+        self._first = True
+
+    def token_of(self, shard: int) -> torch.Tensor:
+        request = self.requests[shard]
+        return self.token[request.reply_row:request.reply_row + request.rows]
+
+    def land(self, shard: int, reply: ShardReply) -> None:
+        if reply.output is not None:  # not read into reply_frame (another transport): copied in
+            request = self.requests[shard]
+            _refuse_wrong_size(shard, reply.output, request.rows, request.dim)
+            request.reply_into.copy_(reply.output)
+
+    def add(self, shard: int) -> None:
+        request = self.requests[shard]
+        self.kernel.add_rows_at(self.result, self.token, self.replies, request.reply_row, request.rows, self._first)
+        self._first = False
 
 
 class RemoteExperts(nn.Module):
@@ -356,12 +455,11 @@ class RemoteExperts(nn.Module):
         x [T, D], expert_ids [T, K], weights [T, K] (x's dtype)."""
         began = time.perf_counter()
         client = self.client
-        placement = client.step_placement
-        requests, token_of, result, add_rows = client.pack(placement, x, expert_ids, weights)
+        call = client.pack(client.step_placement, x, expert_ids, weights)
 
         transport, stats = client.transport, client.stats
         routed = time.perf_counter()
-        pending = transport.submit(self.layer, requests)
+        pending = transport.submit(self.layer, call.requests)
         sent = time.perf_counter()
         stats.calls += 1
         stats.route_s += routed - began
@@ -378,29 +476,25 @@ class RemoteExperts(nn.Module):
         def add(shard: int, reply: ShardReply) -> None:
             nonlocal combine_s
             adding = time.perf_counter()
-            if shard not in requests or shard in added:  # never add rows twice, or rows nobody asked for
+            if shard not in call.requests or shard in added:  # never add rows twice, or rows nobody asked for
                 raise ShardUnavailableError(f"an unexpected answer from expert shard {shard}")
-            into = requests[shard].reply_into
-            if reply.output.shape != into.shape:  # never add what was not answered
-                raise ShardUnavailableError(f"expert shard {shard} answered {list(reply.output.shape)} for {list(into.shape)}")
-            if reply.output is not into:  # this transport could not read it in place
-                into.copy_(reply.output)
+            call.land(shard, reply)
             added.add(shard)
             if as_they_come:
-                add_rows(result, token_of[shard], into)
+                call.add(shard)
             combine_s += time.perf_counter() - adding
 
         def finish() -> torch.Tensor:
             nonlocal combine_s
             waited = time.perf_counter()
             replies = transport.collect(pending, add)
-            for shard, request in requests.items():  # never return rows that were not answered
+            for shard in call.requests:  # never return rows that were not answered
                 if shard not in added:
-                    raise ShardUnavailableError(f"expert shard {shard} answered nothing for {list(request.reply_into.shape)}")
+                    raise ShardUnavailableError(f"expert shard {shard} answered nothing")
             if not as_they_come:
                 adding = time.perf_counter()
-                for shard in sorted(requests):
-                    add_rows(result, token_of[shard], requests[shard].reply_into)
+                for shard in sorted(call.requests):
+                    call.add(shard)
                 combine_s += time.perf_counter() - adding
             done = time.perf_counter()
             slowest = max((r.compute_s for r in replies.values()), default=0.0)
@@ -412,7 +506,7 @@ class RemoteExperts(nn.Module):
                 stats.to_shard_s += last.to_shard_s
                 stats.from_shard_s += last.from_shard_s
             stats.overheads_s.append((sent - began) + (done - waited) - slowest)
-            return result
+            return call.result
 
         return finish
 

@@ -40,12 +40,18 @@ inline int64_t round_up_8(int64_t n) { return (n + 7) / 8 * 8; }
 // x [T, D], expert_ids [T, K] int64, weights [T, K] in x's dtype, first_holder [E] int64 (the
 // shard of each expert's first holder), shard_of [T, K] int64 or None (the shard of every slot,
 // when some expert has copies; else every slot goes to its expert's first holder).
-// Returns (shard_of [T, K], result [T, D] zeros, parts): parts holds, for each shard with rows
-// and in shard order, (shard, T_s, x [T_s, D], expert_ids [T_s, K] with -1 where another shard
-// computes the slot, weights [T_s, K] with 0 there, replies [T_s, D] uninitialised (where its
-// answer lands), token [T_s] in order, wire): x, expert_ids and weights are views of one block
-// per shard, and wire is that block as bytes (uint8, x then ids then weights, the channel's
-// frames as they go out) or None where D's bytes leave the ids off an 8-byte boundary.
+// Returns (shard_of [T, K], result [T, D] uninitialised (add_rows_at's first add sets it),
+// blocks (uint8), replies [N, D] uninitialised, token [N], parts). Each shard with rows has one
+// block of `blocks`: x [T_s, D], then expert_ids [T_s, K] (-1 where another shard computes the
+// slot), then weights [T_s, K] (0 there); its tokens, in order, and the rows where its answer
+// lands are token[r, r + T_s) and replies[r, r + T_s). parts holds, for each such shard in shard
+// order, (shard, T_s, r, block_at, ids_at, weights_at, frames, reply_frame): the byte offsets of
+// its block and of the ids and weights within it, `frames` the memoryviews of its request's bytes
+// as the channel sends them (the whole block, or x, ids and weights where D's bytes leave the
+// ids off an 8-byte boundary), `reply_frame` a writable memoryview of its replies' rows.
+// No tensor views here: made for every shard of every layer they cost ~50 us with the caches
+// cold, and the channel needs none of them. The memoryviews do not keep the buffers alive:
+// whoever holds one must hold `blocks` and `replies` too.
 py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                const at::Tensor& first_holder, const std::optional<at::Tensor>& shard_of_in, int64_t n_shards) {
   TORCH_CHECK(x_in.device().is_cpu() && ids_in.device().is_cpu() && weights_in.device().is_cpu(), "pack takes CPU tensors");
@@ -114,7 +120,7 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
     blocks = at::empty({round_up_8(layouts[n_shards - 1].block_at + layouts[n_shards - 1].end)}, x.options().dtype(at::kByte));
     token = at::empty({N}, expert_ids.options());
     replies = at::empty({N, D}, x.options());
-    result = at::zeros({T, D}, x.options());
+    result = at::empty({T, D}, x.options());
 
     // The rows: each token, in order, goes to each of its shards' next row (weights are copied as
     // bytes, so one loop serves every dtype; all-zero bytes are +0.0).
@@ -149,42 +155,72 @@ py::tuple pack(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tenso
   }
 
   py::list parts;
+  char* base = static_cast<char*>(blocks.data_ptr());
+  char* reply_base = static_cast<char*>(replies.data_ptr());
   for (int64_t s = 0; s < n_shards; ++s) {
     const int64_t rows = start[s + 1] - start[s];
     if (rows == 0) continue;
     const BlockLayout& layout = layouts[s];
-    const at::Tensor block = blocks.narrow(0, layout.block_at, layout.end);
-    // The bytes the channel sends as they lie, when nothing pads the ids' start.
-    py::object wire = layout.ids_at == rows * row_bytes ? py::cast(block) : py::none();
-    parts.append(py::make_tuple(s, rows, block.narrow(0, 0, rows * row_bytes).view(x.scalar_type()).view({rows, D}),
-                                block.narrow(0, layout.ids_at, rows * K * 8).view(at::kLong).view({rows, K}),
-                                block.narrow(0, layout.weights_at, rows * K * weight_bytes).view(weights.scalar_type()).view({rows, K}),
-                                replies.narrow(0, start[s], rows), token.narrow(0, start[s], rows), wire));
+    char* block = base + layout.block_at;
+    py::list frames;
+    if (layout.ids_at == rows * row_bytes) {  // nothing pads the ids' start: the block as it lies
+      frames.append(py::memoryview::from_memory(block, layout.end, true));
+    } else {
+      frames.append(py::memoryview::from_memory(block, rows * row_bytes, true));
+      frames.append(py::memoryview::from_memory(block + layout.ids_at, layout.weights_at - layout.ids_at, true));
+      frames.append(py::memoryview::from_memory(block + layout.weights_at, layout.end - layout.weights_at, true));
+    }
+    parts.append(py::make_tuple(s, rows, start[s], layout.block_at, layout.ids_at, layout.weights_at, frames,
+                                py::memoryview::from_memory(reply_base + start[s] * row_bytes, rows * row_bytes, false)));
   }
-  return py::make_tuple(shard_of, result, parts);
+  return py::make_tuple(shard_of, result, blocks, replies, token, parts);
 }
 
-// result [T, D] += rows [n, D] at token [n]: result[token[i]] += rows[i], in order of i (so a
-// token's rows add up in a fixed order). Each add rounds to result's dtype, as index_add_ does.
-void add_rows(at::Tensor& result, const at::Tensor& token, const at::Tensor& rows) {
+// One shard's answer added to its tokens: result[token[start + i]] += rows[start + i] for i in
+// [0, count), in order of i (so a token's rows add up in a fixed order); each add rounds to
+// result's dtype, as index_add_ does. result [T, D], token [N] int64, rows [N, D]. With `first`
+// (the call's first answer) result may be uninitialised: these tokens' rows become 0 + the
+// answer's (as added to zeros) and every other token's row 0, in one pass instead of zeroing
+// result before the request goes out; its tokens must then be in increasing order, as pack
+// gives them.
+void add_rows_at(at::Tensor& result, const at::Tensor& token, const at::Tensor& rows, int64_t start, int64_t count,
+                 bool first) {
   check_cpu_contiguous(result, "result");
   check_cpu_contiguous(token, "token");
   check_cpu_contiguous(rows, "rows");
   TORCH_CHECK(result.dim() == 2 && rows.dim() == 2 && rows.size(1) == result.size(1) && rows.scalar_type() == result.scalar_type(),
-              "rows must be [n, D] in result's dtype");
-  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1 && token.size(0) == rows.size(0), "token must be [n] int64");
-  TORCH_CHECK(!result.requires_grad(), "add_rows writes in place: result must not require grad");
+              "rows must be [N, D] in result's dtype");
+  TORCH_CHECK(token.scalar_type() == at::kLong && token.dim() == 1 && token.size(0) == rows.size(0), "token must be [N] int64");
+  TORCH_CHECK(start >= 0 && count >= 0 && start + count <= rows.size(0), "rows [", start, ", ", start + count,
+              ") are not in [0, ", rows.size(0), ")");
+  TORCH_CHECK(!result.requires_grad(), "add_rows_at writes in place: result must not require grad");
   at::assert_no_overlap(result, rows);  // rows read after some of result was written would be wrong
-  const int64_t n = rows.size(0), D = rows.size(1), T = result.size(0);
-  const int64_t* at_token = token.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
+  const int64_t D = rows.size(1), T = result.size(0);
+  const int64_t* at_token = token.data_ptr<int64_t>() + start;
+  for (int64_t i = 0; i < count; ++i) {
     TORCH_CHECK(at_token[i] >= 0 && at_token[i] < T, "token ", at_token[i], " is not in [0, ", T, ")");
+    TORCH_CHECK(!first || i == 0 || at_token[i] > at_token[i - 1], "a first add takes its tokens in increasing order");
   }
   py::gil_scoped_release no_gil;  // (a prefill's answers are megabytes)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "add_rows", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "add_rows_at", [&] {
     scalar_t* out = result.data_ptr<scalar_t>();
-    const scalar_t* in = rows.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* in = rows.data_ptr<scalar_t>() + start * D;
+    const scalar_t zero(0);
+    if (first) {
+      int64_t next = 0;  // the next of these tokens
+      for (int64_t t = 0; t < T; ++t) {
+        scalar_t* to = out + t * D;
+        if (next < count && at_token[next] == t) {
+          const scalar_t* from = in + next * D;
+          for (int64_t d = 0; d < D; ++d) to[d] = zero + from[d];
+          ++next;
+        } else {
+          for (int64_t d = 0; d < D; ++d) to[d] = zero;
+        }
+      }
+      return;
+    }
+    for (int64_t i = 0; i < count; ++i) {
       scalar_t* to = out + at_token[i] * D;
       const scalar_t* from = in + i * D;
       for (int64_t d = 0; d < D; ++d) to[d] = to[d] + from[d];
@@ -194,5 +230,5 @@ void add_rows(at::Tensor& result, const at::Tensor& token, const at::Tensor& row
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "Every shard's request of one layer call, in one pass");
-  m.def("add_rows", &add_rows, "result[token[i]] += rows[i], in order");
+  m.def("add_rows_at", &add_rows_at, "One answer's rows added to its tokens (the first also zeroes the others)");
 }

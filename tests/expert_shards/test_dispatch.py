@@ -174,7 +174,7 @@ def test_the_load_counts_hold_every_slot_routed_even_read_while_routing(placemen
                 shard_of = client.route(placement, ids.numpy())
                 expected_shards += np.bincount(shard_of.reshape(-1), minlength=4)
             else:
-                requests = client.pack(placement, torch.zeros(5, 4), ids, torch.full((5, 2), 0.5))[0]
+                requests = client.pack(placement, torch.zeros(5, 4), ids, torch.full((5, 2), 0.5)).requests
                 for shard, request in requests.items():
                     expected_shards[shard] += int((request.expert_ids >= 0).sum())
             expected_experts += np.bincount(ids.reshape(-1).numpy(), minlength=8)

@@ -15,7 +15,8 @@ import torch
 from mixserve.errors import MixserveError
 from mixserve.expert_shards import dispatch_kernel as kernel_module
 from mixserve.expert_shards.channel import ShardServer, TcpTransport
-from mixserve.expert_shards.dispatch import InProcessTransport, RemoteExperts, ShardClient
+from mixserve.expert_shards.dispatch import (InProcessTransport, PackedRequest, RemoteExperts, ShardClient, ShardReply,
+                                             ShardUnavailableError)
 from mixserve.expert_shards.dispatch_kernel import dispatch_kernel
 from mixserve.expert_shards.placement import Placement
 
@@ -53,16 +54,17 @@ def test_the_compiled_pack_gives_the_library_path_requests_bit_for_bit(kernel, p
         x, ids, weights = gated(tokens, placement.num_experts, k, dtype, seed)
         got = compiled.pack(placement, x, ids, weights)
         want = library.pack(placement, x, ids, weights)
-        requests, token_of, result, _ = got
-        assert list(requests) == list(want[0])  # the same shards, in the same order (most rows first)
+        requests = got.requests
+        assert list(requests) == list(want.requests)  # the same shards, in the same order (most rows first)
         for shard, request in requests.items():
-            other = want[0][shard]
+            other = want.requests[shard]
             for name in ("x", "expert_ids", "weights"):
                 assert torch.equal(getattr(request, name), getattr(other, name)), (shard, name)
                 assert getattr(request, name).dtype == getattr(other, name).dtype
             assert request.reply_into.shape == other.reply_into.shape == request.x.shape
-            assert torch.equal(token_of[shard], want[1][shard])
-        assert result.shape == x.shape and result.dtype == dtype and not result.any()
+            assert torch.equal(got.token_of(shard), want.token_of(shard))
+        # (the compiled result is set by its first add: see the sums' test below)
+        assert got.result.shape == want.result.shape == x.shape and got.result.dtype == dtype and not want.result.any()
         # each slot's weight and id went to exactly one shard
         slots_sent = sum(int((r.expert_ids >= 0).sum()) for r in requests.values())
         assert slots_sent == tokens * k
@@ -71,19 +73,46 @@ def test_the_compiled_pack_gives_the_library_path_requests_bit_for_bit(kernel, p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_compiled_add_matches_index_add_bit_for_bit(kernel, dtype):
-    # As dispatch adds: each shard's answer once, its tokens distinct, the shards one after another
-    # (index_add_ itself sums a repeated index in float before rounding, in bfloat16 and float16).
+def test_the_compiled_add_matches_index_add_into_zeros_bit_for_bit(kernel, dtype):
+    # As dispatch adds: each shard's answer once, its tokens distinct and in order, the shards one
+    # after another, the first into a result nothing has zeroed (index_add_ itself sums a repeated
+    # index in float before rounding, in bfloat16 and float16).
     gen = torch.Generator().manual_seed(7)
-    start = torch.randn(9, 48, generator=gen).to(dtype)
-    got, want = start.clone(), start.clone()
-    for _ in range(3):
-        token = torch.randperm(9, generator=gen)[:6]
-        rows = (torch.randn(6, 48, generator=gen) * 100).to(dtype)
-        kernel.add_rows(got, token, rows)
-        want.index_add_(0, token, rows)
-    assert torch.equal(got, want)
-    assert not torch.equal(got, start)
+    got = torch.full((9, 48), float("nan"), dtype=dtype)  # what an uninitialised result may hold
+    want = torch.zeros(9, 48, dtype=dtype)
+    tokens = [torch.randperm(9, generator=gen)[:count].sort().values for count in (5, 6, 4)]
+    token = torch.cat(tokens)  # [15]: the three answers' rows back to back, as the pack lays them
+    rows = (torch.randn(15, 48, generator=gen) * 100).to(dtype)
+    rows[0, 0] = -0.0  # added to zeros it is +0.0
+    start = 0
+    for i, part in enumerate(tokens):
+        kernel.add_rows_at(got, token, rows, start, len(part), i == 0)
+        want.index_add_(0, part, rows[start:start + len(part)])
+        start += len(part)
+    assert torch.equal(got, want) and not got.isnan().any()
+    bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    assert torch.equal(got.view(bits), want.view(bits))  # bits too: -0.0 added to zeros is +0.0
+
+
+@pytest.mark.parametrize("k, placement", [
+    (2, Placement.contiguous(8, 2, capacity=4)),
+    (2, Placement.contiguous(8, 4, capacity=3).with_replica(0, 2)),
+    (3, Placement.contiguous(6, 3)),
+], ids=["2-shards", "4-shards-replicated", "3-slots"])
+def test_the_compiled_call_sums_the_answers_as_the_library_call_does(kernel, k, placement):
+    for seed, tokens in enumerate((1, 9, 32)):
+        x, ids, weights = gated(tokens, placement.num_experts, k, torch.float32, seed)
+        calls = [ShardClient(placement, InProcessTransport([]), compiled=c).pack(placement, x, ids, weights) for c in (True, False)]
+        gen = torch.Generator().manual_seed(seed)
+        answers = {s: torch.randn(r.x.shape[0], 32, generator=gen) for s, r in calls[1].requests.items()}
+        for call in calls:
+            for shard in reversed(list(call.requests)):  # an order other than the requests'
+                call.land(shard, ShardReply(answers[shard], 0.0))
+                call.add(shard)
+        assert torch.equal(calls[0].result, calls[1].result)
+        with pytest.raises(ShardUnavailableError, match="answered"):  # an answer of the wrong size is refused
+            shard = next(iter(calls[0].requests))
+            calls[0].land(shard, ShardReply(torch.zeros(calls[0].requests[shard].rows + 1, 32), 0.0))
 
 
 def test_the_compiled_kernel_refuses_what_it_cannot_index(kernel):
@@ -97,9 +126,13 @@ def test_the_compiled_kernel_refuses_what_it_cannot_index(kernel):
         kernel.pack(x, torch.tensor([[0, 3], [1, 2]]), weights.double(), first_holder, None, 2)
     result = torch.zeros(3, 8)
     with pytest.raises(RuntimeError, match="token 3 is not in"):
-        kernel.add_rows(result, torch.tensor([0, 3]), torch.ones(2, 8))
+        kernel.add_rows_at(result, torch.tensor([0, 3]), torch.ones(2, 8), 0, 2, False)
     with pytest.raises(RuntimeError, match="rows must be"):
-        kernel.add_rows(result, torch.tensor([0, 1]), torch.ones(2, 7))
+        kernel.add_rows_at(result, torch.tensor([0, 1]), torch.ones(2, 7), 0, 2, False)
+    with pytest.raises(RuntimeError, match=r"rows \[1, 3\) are not in"):
+        kernel.add_rows_at(result, torch.tensor([0, 1]), torch.ones(2, 8), 1, 2, False)
+    with pytest.raises(RuntimeError, match="increasing order"):
+        kernel.add_rows_at(result, torch.tensor([1, 0]), torch.ones(2, 8), 0, 2, True)
     assert not result.any()  # nothing was added before the refusal
 
 
@@ -109,26 +142,31 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype, dim", [(torch.float32, 32), (torch.bfloat16, 64), (torch.bfloat16, 3), (torch.float32, 0)])
 def test_each_compiled_request_lies_as_the_channel_sends_it(kernel, dtype, dim):
-    # x, then ids, then weights, back to back in one buffer (wire), unless x's rows leave the ids
-    # off an 8-byte boundary: then the views are still right and there is no wire.
+    # x, then ids, then weights, back to back in one frame, unless x's rows leave the ids off an
+    # 8-byte boundary: then three frames. The reply frame is the memory of reply_into.
     placement = Placement.contiguous(8, 4, capacity=2)
     client = ShardClient(placement, InProcessTransport([]))
     library = ShardClient(placement, InProcessTransport([]), compiled=False)
-    wires = 0
+    whole = 0
     for seed, tokens in enumerate((1, 6, 21, 40)):
         x, ids, weights = gated(tokens, 8, 2, dtype, seed, dim)
-        want = library.pack(placement, x, ids, weights)[0]
-        for shard, request in client.pack(placement, x, ids, weights)[0].items():
+        want = library.pack(placement, x, ids, weights).requests
+        for shard, request in client.pack(placement, x, ids, weights).requests.items():
+            assert isinstance(request, PackedRequest)
             for name in ("x", "expert_ids", "weights"):
                 assert torch.equal(getattr(request, name), getattr(want[shard], name))
-            if request.wire is None:
-                assert (request.x.shape[0] * dim * dtype.itemsize) % 8
-                continue
-            wires += 1
-            assert request.wire.dtype == torch.uint8
-            assert torch.equal(request.wire, torch.cat([as_bytes(request.x), as_bytes(request.expert_ids), as_bytes(request.weights)]))
-            assert request.wire.data_ptr() == request.x.data_ptr() or dim == 0  # the views' own memory
-    assert wires > 0
+            sent = b"".join(bytes(frame) for frame in request.frames)
+            assert sent == b"".join(bytes(as_bytes(t).numpy()) for t in (request.x, request.expert_ids, request.weights))
+            assert all(frame.readonly for frame in request.frames)
+            if len(request.frames) == 1:
+                whole += 1
+            else:
+                assert len(request.frames) == 3 and (request.rows * dim * dtype.itemsize) % 8
+            assert len(request.reply_frame) == request.rows * dim * dtype.itemsize and not request.reply_frame.readonly
+            if dim:
+                request.reply_frame[:dtype.itemsize] = as_bytes(torch.ones(1, dtype=dtype)).numpy().tobytes()
+                assert request.reply_into[0, 0] == 1  # the same memory
+    assert whole > 0
 
 
 @pytest.mark.parametrize("dtype, dim", [(torch.float32, 32), (torch.bfloat16, 3)])
@@ -168,11 +206,12 @@ def test_the_compiled_pack_takes_strided_inputs_and_no_tokens_like_the_library_p
     assert not any(t.is_contiguous() for t in strided)
     for inputs in (strided, (x[:0], ids[:0], weights[:0])):
         got, want = compiled.pack(placement, *inputs), library.pack(placement, *inputs)
-        assert list(got[0]) == list(want[0])
-        for shard, request in got[0].items():
-            assert torch.equal(request.x, want[0][shard].x) and torch.equal(request.expert_ids, want[0][shard].expert_ids)
-            assert torch.equal(request.weights, want[0][shard].weights) and torch.equal(got[1][shard], want[1][shard])
-        assert torch.equal(got[2], want[2]) and got[2].shape == inputs[0].shape
+        assert list(got.requests) == list(want.requests)
+        for shard, request in got.requests.items():
+            other = want.requests[shard]
+            assert torch.equal(request.x, other.x) and torch.equal(request.expert_ids, other.expert_ids)
+            assert torch.equal(request.weights, other.weights) and torch.equal(got.token_of(shard), want.token_of(shard))
+        assert got.result.shape == want.result.shape == inputs[0].shape
     assert compiled.load_counts() == library.load_counts()
 
 
@@ -189,9 +228,9 @@ def test_dispatch_refuses_ids_or_weights_of_another_dtype_on_either_path():
 def test_the_compiled_add_refuses_a_strided_or_overlapping_result(kernel):
     result = torch.zeros(4, 8)
     with pytest.raises(RuntimeError, match="result must be contiguous"):
-        kernel.add_rows(result.t(), torch.tensor([0]), torch.ones(1, 4))
+        kernel.add_rows_at(result.t(), torch.tensor([0]), torch.ones(1, 4), 0, 1, False)
     with pytest.raises(RuntimeError, match="refer to a single memory location"):
-        kernel.add_rows(result, torch.tensor([1, 2]), result[:2])  # rows that the add itself changes
+        kernel.add_rows_at(result, torch.tensor([1, 2]), result[:2], 0, 2, False)  # rows that the add itself changes
     assert not result.any()
 
 
@@ -229,8 +268,8 @@ def test_a_machine_that_cannot_build_the_kernel_says_why_and_dispatches_without_
     client = ShardClient(placement, InProcessTransport([]))
     assert client.kernel is None
     x, ids, weights = gated(5, 8, 2, torch.float32, 0)
-    requests, token_of, _, _ = client.pack(placement, x, ids, weights)
-    for shard, tokens in token_of.items():  # each shard gets the tokens with a slot on one of its experts
+    call = client.pack(placement, x, ids, weights)
+    for shard in call.requests:  # each shard gets the tokens with a slot on one of its experts
         held = torch.isin(ids, torch.tensor(placement.experts_of(shard))).any(dim=1)
-        assert tokens.tolist() == held.nonzero().flatten().tolist()
-    assert sum(int((r.expert_ids >= 0).sum()) for r in requests.values()) == 10
+        assert call.token_of(shard).tolist() == held.nonzero().flatten().tolist()
+    assert sum(int((r.expert_ids >= 0).sum()) for r in call.requests.values()) == 10
