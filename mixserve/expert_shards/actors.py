@@ -118,6 +118,11 @@ class RayActorTransport:
         return report_arrivals({sid: ShardReply(from_wire(out), seconds) for sid, (out, seconds) in zip(refs, outs)}, arrived)
 
 
+# How long a restarting shard waits for its bundle to be placed on a live node before it starts
+# without pinning (the actor itself waits for the bundle however long it takes).
+BUNDLE_PLACED_TIMEOUT_S = 30.0
+
+
 @dataclass
 class ShardGroup:
     """A whole set of shard actors, started together or not at all."""
@@ -136,8 +141,7 @@ class ShardGroup:
         args = self.start_args
         slot = None
         if args["pin_cpus"]:
-            # Asked at every start: a dead node's bundles move to another node.
-            bundle_nodes = placement_group_table(self.placement_group).get("bundles_to_node_id") or {}
+            bundle_nodes = self._live_bundle_nodes(shard_id)
             slot = cpu_slot(shard_id, bundle_nodes, self.cpu_slots)
             if slot is not None:
                 self.cpu_slots[shard_id] = (bundle_nodes[shard_id], slot[0])
@@ -147,6 +151,21 @@ class ShardGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=shard_id),
         ).remote(shard_id, args["checkpoint"], experts, args["dtype"], args["num_threads"], args["moe_kernel"],
                  slot)
+
+    def _live_bundle_nodes(self, shard_id: int) -> dict[int, str]:
+        """Bundle -> node, for the bundles on live nodes, once shard_id's bundle is on one. Asked
+        at every start: a dead node's bundles move to another node, a while after it died, and a
+        slot chosen by the table before that would be one of the dead node's. {} (no pinning) if
+        the bundle is not placed within BUNDLE_PLACED_TIMEOUT_S."""
+        deadline = time.monotonic() + BUNDLE_PLACED_TIMEOUT_S
+        while True:
+            alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+            table = placement_group_table(self.placement_group).get("bundles_to_node_id") or {}
+            if table.get(shard_id) in alive:
+                return {bundle: node for bundle, node in table.items() if node in alive}
+            if time.monotonic() > deadline:
+                return {}
+            time.sleep(0.5)
 
     def release_cpu_slots(self, shards: list[int]) -> None:
         """The cores of shards that died are free for the shards restarting."""

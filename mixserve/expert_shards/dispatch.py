@@ -63,8 +63,8 @@ class PackedRequest(ShardRequest):
     bytes as the TCP channel sends them, and `reply_frame`, where its answer's bytes are read to,
     both memoryviews over the layer call's buffers, which this request keeps alive (never hold
     one without it). Its tensors (x, expert_ids, weights, reply_into) are views made when first
-    read: the channel reads none of them, and a layer's dozen views cost ~50 us with the caches
-    cold (a torch call then takes several microseconds)."""
+    read: the channel reads none of them, and two shards' two dozen views cost ~50 us with the
+    caches cold (a torch call then takes several microseconds)."""
 
     def __init__(self, call: _CompiledCall, shard: int, rows: int, reply_row: int, block_at: int, ids_at: int,
                  weights_at: int, frames: list[memoryview], reply_frame: memoryview):
@@ -72,19 +72,23 @@ class PackedRequest(ShardRequest):
         self.shard, self.rows, self.reply_row = shard, rows, reply_row
         self.dim, self.k, self.dtype = call.dim, call.k, call.dtype
         self.frames, self.reply_frame = frames, reply_frame
-        self._call, self._layout = call, (block_at, ids_at, weights_at)
+        # The buffers, not the call: a call holding its requests and each request its call would
+        # be a cycle, and a prefill's buffers (hundreds of MB a layer) would wait for the
+        # collector instead of going when the layer is done.
+        self._blocks, self._replies = call.blocks, call.replies
+        self._layout = (block_at, ids_at, weights_at)
         self._views: tuple[torch.Tensor, ...] | None = None
 
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._views is None:
-            call, (block_at, ids_at, weights_at) = self._call, self._layout
-            block = call.blocks[block_at:]
+            block_at, ids_at, weights_at = self._layout
+            block = self._blocks[block_at:]
             row_bytes = self.dim * self.dtype.itemsize
             self._views = (
                 block[:self.rows * row_bytes].view(self.dtype).view(self.rows, self.dim),
                 block[ids_at:ids_at + self.rows * self.k * 8].view(torch.long).view(self.rows, self.k),
                 block[weights_at:weights_at + self.rows * self.k * self.dtype.itemsize].view(self.dtype).view(self.rows, self.k),
-                call.replies[self.reply_row:self.reply_row + self.rows],
+                self._replies[self.reply_row:self.reply_row + self.rows],
             )
         return self._views
 
@@ -418,6 +422,8 @@ class _CompiledCall(LayerCall):
         for part in sorted(parts, key=lambda part: -part[1]):
             self.requests[part[0]] = PackedRequest(self, *part)
         self._first = True
+        if not self.requests:  # no slots at all (k = 0): no add will set the rows
+            self.result.zero_()
 
     def token_of(self, shard: int) -> torch.Tensor:
         request = self.requests[shard]

@@ -39,6 +39,9 @@ COLD_RETRY_AFTER_S = 10  # a model group that did not start in time needs more t
 # How often a front door tells the ledger which of its leases still run (well under the ledger's
 # lease_s, 900 s): a generation may run longer than a lease, and must keep its slot and be charged.
 RENEW_LEASES_EVERY_S = 60.0
+# What a chat turn without max_tokens reserves of its tenant's tokens/min, per choice (see start):
+# OpenAI's completions default.
+OPEN_ENDED_RESERVE_TOKENS = 16
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
@@ -103,6 +106,7 @@ class RequestRecord:
         return sum(self.completion_tokens.values())
 
     def saw(self, index: int, out: RequestOutput) -> None:
+        self.completion_tokens[index] = len(out.token_ids)  # (a final output may add none after a Progress)
         if not out.new_token_ids:
             return
         now = time.monotonic()
@@ -112,7 +116,6 @@ class RequestRecord:
         if index in self.last_token_at:
             self.gaps.append((now - self.last_token_at[index]) / len(out.new_token_ids))
         self.last_token_at[index] = now
-        self.completion_tokens[index] = len(out.token_ids)
 
 
 class FrontDoor:
@@ -188,13 +191,6 @@ class FrontDoor:
         except InvalidRequestError as exc:
             raise ApiError(400, exc.message, exc.param) from None
 
-    def up_to_context_end(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingParams:
-        """A chat turn that names no max_tokens may run to the end of the context, as in OpenAI's
-        API (and vLLM's): a default of a few tokens would cut every answer of a client that
-        leaves it unset, as the official clients do. (A prompt that fills the context gets 1,
-        and the engine's context_length_exceeded.)"""
-        return dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
-
     # ---- quotas ------------------------------------------------------------------------------
     async def admit(self, caller: Caller, record: RequestRecord, max_tokens: int) -> str:
         lease, prompt_tokens = f"lease-{uuid.uuid4().hex}", record.prompt_tokens
@@ -254,10 +250,21 @@ class FrontDoor:
 
     # ---- generation --------------------------------------------------------------------------
     async def start(self, caller: Caller, prompt_ids: list[int], params: SamplingParams, n: int, chat: bool,
-                    stream: bool, endpoint: str, arrival: Arrival | None = None) -> Run:
-        """Admits the request and opens its n choices; refusals raise ApiError before any output."""
+                    stream: bool, endpoint: str, arrival: Arrival | None = None, open_ended: bool = False) -> Run:
+        """Admits the request and opens its n choices; refusals raise ApiError before any output.
+        open_ended: a chat turn that names no max_tokens. It may run to the end of the context,
+        as in OpenAI's API (and vLLM's): a default of a few tokens would cut every answer of a
+        client that leaves it unset, as the official clients do. Its tokens/min reservation is
+        OPEN_ENDED_RESERVE_TOKENS a choice, not the rest of the context (which would refuse it to
+        every tenant whose limit is below a context, and let others run one at a time); what it
+        really makes is charged when it ends. (A prompt that fills the context gets the engine's
+        context_length_exceeded.)"""
         record = RequestRecord(endpoint, prompt_tokens=len(prompt_ids), limited=caller.limited)
-        lease = await self.admit(caller, record, params.max_tokens * n)
+        reserved = params.max_tokens
+        if open_ended:
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(prompt_ids)))
+            reserved = min(params.max_tokens, OPEN_ENDED_RESERVE_TOKENS)
+        lease = await self.admit(caller, record, reserved * n)
         try:
             choices = await self.open_choices(caller, prompt_ids, params, n, chat, stream, arrival)
         except ApiError as err:

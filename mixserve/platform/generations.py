@@ -1,8 +1,8 @@
 """Where the front door starts a generation: on the attention replicas through their Serve
 handle, or on the attention replica that runs in the front door's own process.
 
-Both give a stream of RequestOutput | GenerateError with `cancel()`, the interface of a Serve
-streaming response, so FrontDoor treats them alike.
+Both give a stream of RequestOutput | Progress | GenerateError with `cancel()`, the interface of
+a Serve streaming response, so FrontDoor treats them alike.
 
 Why the in-process form: on the separate path every output crosses a process twice (replica
 -> ingress -> HTTP proxy), and each Ray streaming message costs about a millisecond of CPU
@@ -18,12 +18,12 @@ from typing import Protocol
 
 from mixserve.platform.detached import spawn_detached
 from mixserve.platform.front_door import ApiError
-from mixserve.replicas.deployment import AttentionReplica, GenerateError, GenerateRequest
+from mixserve.replicas.deployment import AttentionReplica, GenerateError, GenerateRequest, Progress
 from mixserve.replicas.sequence import RequestOutput
 
 
 class GenerationStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[RequestOutput | GenerateError]: ...
+    def __aiter__(self) -> AsyncIterator[RequestOutput | Progress | GenerateError]: ...
 
     def cancel(self) -> None: ...
 
@@ -63,7 +63,7 @@ class LocalStream:
     def __aiter__(self) -> LocalStream:
         return self
 
-    async def __anext__(self) -> RequestOutput | GenerateError:
+    async def __anext__(self) -> RequestOutput | Progress | GenerateError:
         try:
             return await self._outputs.__anext__()
         except BaseException:  # the end, an error or the caller's cancellation: the generation is over

@@ -112,15 +112,14 @@ class GrpcMethods:
                 if not messages or messages[-1]["role"] != "user":
                     raise ApiError(400, "messages must end with a user message", "messages")
                 prompt_ids = await self.door.chat_prompt(caller, messages)
-                if not request.sampling.HasField("max_tokens"):
-                    params = self.door.up_to_context_end(params, prompt_ids)
             else:
                 kind = request.WhichOneof("prompt")
                 if kind is None:
                     raise ApiError(400, "set a prompt: text or token_ids", "prompt")
                 prompt_ids = await self.door.completion_prompt(request.text if kind == "text" else list(request.token_ids.ids))
             endpoint = "grpc_chat" if chat else "grpc_generate"
-            return await self.door.start(caller, prompt_ids, params, n, chat, stream, endpoint, arrival)
+            open_ended = chat and not request.sampling.HasField("max_tokens")  # (FrontDoor.start)
+            return await self.door.start(caller, prompt_ids, params, n, chat, stream, endpoint, arrival, open_ended)
 
     async def _whole(self, request, context, chat: bool) -> pb.GenerateResponse:
         try:

@@ -184,9 +184,8 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
             if body.messages[-1].role != "user":
                 raise ApiError(400, "the last message must be from the user", "messages")
             prompt_ids = await self.door.chat_prompt(caller, [m.model_dump() for m in body.messages])
-            if body.max_tokens is None:  # (sampling_params took max_completion_tokens into it)
-                params = self.door.up_to_context_end(params, prompt_ids)
-            return await self._generate(caller, body, params, prompt_ids, True, "chat", arrival)
+            # (sampling_params took max_completion_tokens into max_tokens)
+            return await self._generate(caller, body, params, prompt_ids, True, "chat", arrival, open_ended=body.max_tokens is None)
 
     @staticmethod
     def _params(body, *args):
@@ -196,8 +195,8 @@ class HttpIngress(GrpcMethods):  # gRPC methods mixed in: Serve's gRPC proxy cal
             raise ApiError(400, exc.message, exc.param) from None
 
     async def _generate(self, caller: Caller, body, params, prompt_ids: list[int], chat: bool, endpoint: str,
-                        arrival: Arrival | None = None):
-        run = await self.door.start(caller, prompt_ids, params, body.n, chat, body.stream, endpoint, arrival)
+                        arrival: Arrival | None = None, open_ended: bool = False):
+        run = await self.door.start(caller, prompt_ids, params, body.n, chat, body.stream, endpoint, arrival, open_ended)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = ChatShape(self.door.names, ident, body) if chat else CompletionShape(self.door.names, ident, body)
         if body.stream:

@@ -126,10 +126,9 @@ class TenantLedger:
                              "requests per minute", retry_after_s=max(wait, 0.1))
         if limits.tokens_per_min is not None:
             if tokens > limits.tokens_per_min:
-                return Admission(False, message=f"this request needs up to {tokens} tokens (prompt + max_tokens), "
-                                 f"more than tenant {limits.name!r}'s {limits.tokens_per_min} tokens per minute; "
-                                 "send a lower max_tokens (a chat turn without one may run to the end of the context)",
-                                 retry_after_s=WINDOW_S)
+                return Admission(False, message=f"this request needs up to {tokens} tokens (prompt + max_tokens "
+                                 f"for each choice), more than tenant {limits.name!r}'s {limits.tokens_per_min} tokens "
+                                 "per minute; lower max_tokens", retry_after_s=WINDOW_S)
             used = sum(n for _, n in state.tokens) + state.reserved
             if used + tokens > limits.tokens_per_min:
                 wait = (state.tokens[0][0] + WINDOW_S - now) if state.tokens else 1.0

@@ -273,3 +273,23 @@ def test_a_machine_that_cannot_build_the_kernel_says_why_and_dispatches_without_
         held = torch.isin(ids, torch.tensor(placement.experts_of(shard))).any(dim=1)
         assert call.token_of(shard).tolist() == held.nonzero().flatten().tolist()
     assert sum(int((r.expert_ids >= 0).sum()) for r in call.requests.values()) == 10
+
+
+def test_a_compiled_call_s_buffers_go_with_it_without_the_cycle_collector(kernel):
+    # A prefill's buffers are hundreds of MB a layer: they must go when the call does, not wait for
+    # a collection (requests pointing back at their call would make a cycle).
+    import gc
+    import weakref
+
+    placement = Placement.contiguous(8, 2, capacity=4)
+    client = ShardClient(placement, InProcessTransport([]))
+    x, ids, weights = gated(12, 8, 2, torch.float32, 1)
+    gc.disable()
+    try:
+        call = client.pack(placement, x, ids, weights)
+        _ = [r.x for r in call.requests.values()]  # the lazy views too
+        buffers = [weakref.ref(call.blocks), weakref.ref(call.replies), weakref.ref(call.result)]
+        del call, _
+        assert [ref() for ref in buffers] == [None, None, None]
+    finally:
+        gc.enable()

@@ -161,3 +161,10 @@ def test_a_client_leaving_a_non_streamed_request_is_charged_the_tokens_made_so_f
     assert choice.cancelled  # its generation aborts, freeing the slot
     assert len(settled) == 1 and settled[0].status == "client_closed"
     assert settled[0].completion_total == 40  # not the first output's 1 token
+
+
+def test_a_final_output_that_adds_no_token_still_sets_the_count():
+    record = RequestRecord("completions", prompt_tokens=2)
+    record.completion_tokens[0] = 40  # a Progress
+    record.saw(0, RequestOutput("r0", [1, 2], list(range(41)), "x", [], "", True, "stop", None, None))
+    assert record.completion_total == 41
