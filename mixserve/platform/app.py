@@ -83,7 +83,7 @@ def build_app(config: DeploymentConfig) -> Application:
     # A replica takes 4 x max_num_seqs requests at once (its batch, refilled as sequences end).
     replica_ongoing = 4 * engine.max_num_seqs
     door_args = (ledger, router, config.model.name, checkpoint, tenants, config.model.system_prompt,
-                 config.http.max_body_bytes, config.attention.cold_start_timeout_s, engine.max_model_len or args.max_position_embeddings)
+                 config.http.max_body_bytes, config.attention.cold_start_timeout_s, engine.max_model_len)
     if config.front_door_in_replicas:
         # The attention replicas are the ingress: the proxy streams straight from the engine's process.
         # The replica bounds its own queue (503 in OpenAI's shape), so Serve's limit is the connections.

@@ -373,7 +373,7 @@ class Run:
         try:
             async for i, out in self.choices.events():
                 if isinstance(out, Progress):  # a non-streamed choice's count: charged if the client leaves
-                    self.record.completion_tokens[i] = max(self.record.completion_tokens.get(i, 0), out.completion_tokens)
+                    self.record.completion_tokens[i] = out.completion_tokens
                     continue
                 self.record.saw(i, out)
                 yield i, out

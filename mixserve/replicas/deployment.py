@@ -151,8 +151,8 @@ class AttentionReplica:
                 # token count still goes out about once a second, for its charge.
                 if request.stream or first or out.finished:
                     yield out
-                elif time.monotonic() - reported_at >= PROGRESS_EVERY_S:
-                    reported_at = time.monotonic()
+                elif (now := time.monotonic()) - reported_at >= PROGRESS_EVERY_S:
+                    reported_at = now
                     yield Progress(len(out.token_ids))
                 first = False
         except ContextLengthError as exc:
